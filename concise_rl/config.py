@@ -1,0 +1,314 @@
+"""The pipeline's one typed config.
+
+Every YAML file in configs/ validates against :class:`PipelineConfig`; the CLI
+overrides single fields with ``--set ppo.lam=0.95``. Unknown keys and wrong types
+are errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says why and where."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EmbeddedModelConfig(_Strict):
+    """Shape and training budget of the small model the project builds itself."""
+
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(384, gt=0)
+    vocab_size: int = Field(384, ge=64, description="BPE vocabulary size of the built tokenizer")
+    max_position_embeddings: int = Field(1024, gt=0)
+    sft_examples: int = Field(6000, gt=0, description="chain-of-thought traces to train the base on")
+    sft_epochs: float = Field(1.0, gt=0)
+    sft_learning_rate: float = Field(1e-3, gt=0)
+    sft_batch_size: int = Field(8, gt=0)
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(
+        "embedded:demo",
+        description="hub id, local directory, or 'embedded:NAME' for the project's own small model",
+    )
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    embedded: EmbeddedModelConfig = EmbeddedModelConfig()
+
+
+class PromptConfig(_Strict):
+    """How a problem becomes the text the model sees."""
+
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    use_chat_template: bool = True
+    max_prompt_tokens: int = Field(256, gt=0)
+
+
+class RewardConfig(_Strict):
+    """The paper's reward: no term in it depends on length."""
+
+    correct: float = 1.0
+    wrong_boxed: float = -0.5
+    no_box: float = -1.0
+
+
+class DataSource(_Strict):
+    """Where problems come from: a local file, a hub dataset, or the built-in task."""
+
+    kind: Literal["synthetic", "file", "hf"] = "synthetic"
+    path: str | None = None
+    name: str | None = None
+    split: str = "test"
+    limit: int | None = Field(None, gt=0)
+    # Synthetic task: how many problems, which seed, which difficulty levels.
+    num_problems: int = Field(200, gt=0)
+    seed: int = 0
+    min_level: int = Field(1, ge=1)
+    max_level: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> DataSource:
+        if self.kind == "file" and not self.path:
+            raise ValueError("kind 'file' needs 'path' (a .jsonl or .json file)")
+        if self.kind == "hf" and not self.name:
+            raise ValueError("kind 'hf' needs 'name' (a Hugging Face dataset id)")
+        if self.min_level > self.max_level:
+            raise ValueError(f"min_level {self.min_level} is above max_level {self.max_level}")
+        return self
+
+
+class Band(_Strict):
+    """A closed interval of pass rates."""
+
+    low: float = Field(ge=0.0, le=1.0)
+    high: float = Field(ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Band:
+        if self.low > self.high:
+            raise ValueError(f"band low {self.low} is above high {self.high}")
+        return self
+
+    def contains(self, p: float) -> bool:
+        return self.low <= p <= self.high
+
+
+class CurationConfig(_Strict):
+    candidates: DataSource = DataSource()
+    samples_per_problem: int = Field(8, gt=0, description="k responses per candidate to estimate its pass rate")
+    temperature: float = Field(0.6, ge=0.0)
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(64, gt=0)
+    phase1_band: Band = Band(low=0.0, high=0.5)
+    phase1_max_problems: int | None = Field(None, gt=0)
+    phase2_band: Band = Band(low=0.125, high=0.875)
+    phase2_num_problems: int = Field(8, gt=0)
+
+
+class PPOConfig(_Strict):
+    """PPO with a learned critic, as in the paper's public code."""
+
+    steps: int = Field(150, gt=0)
+    prompts_per_step: int = Field(8, gt=0)
+    samples_per_prompt: int = Field(8, gt=0)
+    ppo_epochs: int = Field(1, gt=0)
+    mini_batch_size: int = Field(64, gt=0, description="rollouts per optimiser step")
+    micro_batch_size: int = Field(16, gt=0, description="rollouts per forward/backward (gradient accumulation)")
+    temperature: float = Field(0.6, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, gt=0)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    clip_range: float = Field(0.2, gt=0.0)
+    value_clip_range: float = Field(0.2, gt=0.0)
+    kl_coef: float = Field(0.01, ge=0.0)
+    whiten_advantages: bool = True
+    loss_agg_mode: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    vf_coef: float = Field(1.0, gt=0.0)
+    actor_lr: float = Field(5e-7, gt=0.0)
+    critic_lr: float = Field(9e-6, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    checkpoint_every: int = Field(10, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> PPOConfig:
+        rollouts = self.prompts_per_step * self.samples_per_prompt
+        if rollouts % self.mini_batch_size:
+            raise ValueError(
+                f"mini_batch_size {self.mini_batch_size} must divide the {rollouts} rollouts per step "
+                f"(prompts_per_step x samples_per_prompt)"
+            )
+        if self.mini_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} must divide mini_batch_size {self.mini_batch_size}"
+            )
+        return self
+
+
+class PhaseConfig(_Strict):
+    """What one RL phase overrides on top of the shared PPO settings."""
+
+    ppo: dict[str, Any] = Field(default_factory=dict, description="fields of 'ppo' to override for this phase")
+
+
+class Phase1Config(PhaseConfig):
+    enabled: bool = Field(True, description="false: phase 2 starts from the base (the paper's own setting)")
+
+
+class EvalConfig(_Strict):
+    heldout: DataSource = DataSource(num_problems=500, seed=1)
+    benchmarks: dict[str, DataSource] = Field(
+        default_factory=dict, description="extra named sets evaluated next to the held-out set"
+    )
+    temperatures: list[float] = Field(default_factory=lambda: [0.0, 0.6])
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    samples: int = Field(1, gt=0, description="responses per problem at temperature > 0")
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(128, gt=0)
+    bootstrap_samples: int = Field(1000, gt=0)
+
+    @model_validator(mode="after")
+    def _temps(self) -> EvalConfig:
+        if not self.temperatures:
+            raise ValueError("temperatures must list at least one temperature")
+        if any(t < 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be >= 0, got {self.temperatures}")
+        return self
+
+
+class GateConfig(_Strict):
+    """Promotion gate: phase 2 against the model it started from."""
+
+    max_accuracy_drop: float = Field(0.02, ge=0.0, le=1.0, description="delta, as a fraction (0.02 = 2 points)")
+    min_length_reduction_pct: float = Field(20.0, ge=-100.0, le=100.0, description="r, in percent")
+
+
+class RegistryConfig(_Strict):
+    model_name: str = Field("concise-rl-demo", min_length=1)
+    experiment: str = Field("concise-rl", min_length=1)
+    tracking_uri: str | None = Field(None, description="default: sqlite store under CONCISE_RL_HOME")
+
+
+class PipelineConfig(_Strict):
+    name: str = "demo"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig = ModelConfig()
+    prompt: PromptConfig = PromptConfig()
+    reward: RewardConfig = RewardConfig()
+    curation: CurationConfig = CurationConfig()
+    ppo: PPOConfig = PPOConfig()
+    phase1: Phase1Config = Phase1Config()
+    phase2: PhaseConfig = PhaseConfig()
+    evaluation: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _phase_overrides_valid(self) -> PipelineConfig:
+        for phase in ("phase1", "phase2"):
+            self.ppo_for(phase)
+        return self
+
+    def ppo_for(self, phase: Literal["phase1", "phase2"]) -> PPOConfig:
+        """The shared PPO settings with this phase's overrides applied and validated."""
+        overrides = getattr(self, phase).ppo
+        merged = {**self.ppo.model_dump(), **overrides}
+        try:
+            return PPOConfig.model_validate(merged)
+        except ValidationError as exc:
+            raise ValueError(f"{phase}.ppo: {_describe(exc, prefix=f'{phase}.ppo')}") from None
+
+    def config_hash(self) -> str:
+        """A short stable hash of the whole config (the registry's `config_hash` tag)."""
+        return stable_hash(self.model_dump(mode="json"))
+
+
+def stable_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if prefix:
+            loc = f"{prefix}.{loc}" if loc else prefix
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}' (check the spelling against configs/demo.yaml)")
+        else:
+            got = err.get("input")
+            got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+            parts.append(f"'{loc}': {err['msg']}{got_txt}" if loc else f"{err['msg']}{got_txt}")
+    return "; ".join(parts)
+
+
+def _parse_value(text: str) -> Any:
+    """Read an override value as YAML so `--set a=0.5`, `=true`, `=[0, 0.6]` get their types."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `key.path=value` override to a raw config dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. --set ppo.lam=0.95")
+    key, _, raw = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: the key is empty")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = _parse_value(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load a YAML config (or the defaults), apply `--set` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file, e.g. configs/demo.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(loaded).__name__}")
+        data = loaded
+    for assignment in overrides:
+        apply_override(data, assignment)
+    where = f"config {path}" if path else "config"
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_describe(exc)}") from None

@@ -1,0 +1,41 @@
+"""The two-phase pipeline as one Prefect flow: curate, phase 1, register, phase 2, evaluate, gate.
+
+The flow only composes tasks; each task is a stage from tasks/stages.py and passes
+URIs (``models:/NAME/VERSION``) and paths, never live models. Registration and
+evaluation talk to the registry and the disk, so they retry; training resumes from
+its last checkpoint when retried.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from concise_rl.config import load_config
+from tasks import stages
+
+# Stages keep their own idempotency (registry tags, folders keyed by inputs), so
+# Prefect's input caching is off: it would hash whole configs for nothing.
+prepare_base = task(stages.prepare_base, name="prepare-base", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+curate = task(stages.curate, name="curate", cache_policy=NO_CACHE)
+train_phase = task(stages.train_phase, name="train", retries=1, cache_policy=NO_CACHE)
+register = task(stages.register, name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+evaluate = task(stages.evaluate, name="evaluate", retries=1, cache_policy=NO_CACHE)
+promote = task(stages.promote, name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+
+
+@flow(name="concise-rl-pipeline")
+def pipeline(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Run every stage in order and return the summary (the gate's verdict included)."""
+    cfg = load_config(config_path, overrides or [])
+    base = prepare_base(cfg)
+    curated = curate(cfg, base["uri"])
+    models = {"base": base}
+    start = base
+    if cfg.phase1.enabled:
+        phase1_dir = train_phase(cfg, "phase1", base["uri"], f"{curated}/phase1.jsonl")
+        start = models["phase1"] = register(cfg, "phase1", phase1_dir, base)
+    phase2_dir = train_phase(cfg, "phase2", start["uri"], f"{curated}/phase2.jsonl")
+    models["phase2"] = register(cfg, "phase2", phase2_dir, start)
+    results = evaluate(cfg, models)
+    return promote(cfg, results, parent_label="phase1" if cfg.phase1.enabled else "base")

@@ -1,0 +1,291 @@
+"""The pipeline's stages, each one library call plus its side effects.
+
+Each stage is a plain function (the CLI runs it alone) that takes the config and
+URIs or paths, calls into training/ or evaluation/, logs to MLflow, and returns
+URIs or paths. flows/ wraps them as Prefect tasks. Stages are idempotent: a stage
+whose output for the same inputs already exists returns it instead of redoing it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+
+from concise_rl import paths
+from concise_rl.config import DataSource, PipelineConfig, stable_hash
+from concise_rl.problems import Problem, load_hf_dataset, load_problems, problems_hash, save_problems
+from concise_rl.synthetic import generate_problems
+from evaluation.evaluate import evaluate_model
+from evaluation.gate import evaluate_gate, length_reductions
+from tasks import publish, tracking
+from training import curation as curation_lib
+from training.embedded import build_embedded_model
+from training.models import embedded_dir, is_embedded, load_policy, load_tokenizer
+from training.trainer import PPOTrainer
+
+log = logging.getLogger(__name__)
+
+PHASE_TAG = {"base": "base", "phase1": "1", "phase2": "2"}
+PHASE_ALIAS = {"base": "base", "phase1": "phase1", "phase2": "candidate"}
+
+
+def gate_failures(summary: dict) -> str:
+    """The failed gate criteria of a summary, one readable line."""
+    failed = [c for c in summary["gate"]["criteria"] if not c["passed"]]
+    return "; ".join(f"{c['name']} = {c['value']:.4g} (threshold {c['threshold']})" for c in failed)
+
+
+def device(cfg: PipelineConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def load_source(src: DataSource, split: str = "train") -> list[Problem]:
+    """Problems from a DataSource: the built-in task, a local file, or a hub dataset."""
+    if src.kind == "synthetic":
+        return generate_problems(
+            src.num_problems, seed=src.seed, min_level=src.min_level, max_level=src.max_level, split=split
+        )
+    if src.kind == "file":
+        return load_problems(src.path, limit=src.limit)
+    return load_hf_dataset(src.name, split=src.split, limit=src.limit)
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _version_info(version) -> dict[str, str]:
+    return {"version": str(version.version), "uri": tracking.model_uri(version.name, version.version)}
+
+
+# --------------------------------------------------------------------------- base
+def prepare_base(cfg: PipelineConfig) -> dict[str, str]:
+    """Build the embedded model if needed and register the base as a model version (once)."""
+    client = tracking.setup(cfg)
+    source = cfg.model.name_or_path
+    source_key = stable_hash({"name_or_path": source, "embedded": cfg.model.embedded.model_dump()}) if is_embedded(
+        cfg.model
+    ) else stable_hash({"name_or_path": source})
+    existing = tracking.find_version(client, cfg.registry.model_name, phase="base", source_key=source_key)
+    if existing is not None:
+        log.info("base model already registered as version %s", existing.version)
+        return _version_info(existing)
+    with tracking.stage_run(cfg, "base") as _:
+        if is_embedded(cfg.model):
+            model_dir = build_embedded_model(embedded_dir(cfg.model), cfg.model.embedded, cfg.prompt, seed=cfg.seed)
+        elif Path(source).expanduser().is_dir():
+            model_dir = Path(source).expanduser()
+        else:
+            from huggingface_hub import snapshot_download
+
+            model_dir = Path(snapshot_download(source))
+        version = tracking.register_model_dir(
+            client, cfg, model_dir, phase="base", parent_version=None,
+            tags={"source_key": source_key, "name_or_path": source},
+        )
+        client.set_registered_model_alias(cfg.registry.model_name, PHASE_ALIAS["base"], version.version)
+    return _version_info(version)
+
+
+# --------------------------------------------------------------------------- curation
+def curate(cfg: PipelineConfig, model_uri: str) -> str:
+    """Measure pass rates of the candidates under ``model_uri`` and write the two problem sets.
+
+    Returns the curation folder, holding phase1.jsonl, phase2.jsonl and pass_rates.jsonl.
+    """
+    candidates = load_source(cfg.curation.candidates)
+    key = stable_hash(
+        {"model": model_uri, "curation": cfg.curation.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(),
+         "candidates": problems_hash(candidates), "seed": cfg.seed}
+    )
+    out = paths.curation() / key
+    if (out / "done.json").is_file():
+        log.info("curation already done in %s", out)
+        _point_latest(out)
+        return str(out)
+    with tracking.stage_run(cfg, "curate", model_uri=model_uri):
+        model_dir = tracking.resolve_model_uri(model_uri)
+        tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, prompt=cfg.prompt)
+        model = load_policy(model_dir, cfg.model, device=device(cfg))
+        torch.manual_seed(cfg.seed)
+        rates = curation_lib.measure_pass_rates(model, tokenizer, candidates, cfg.curation, cfg.prompt, cfg.reward)
+        phase1, phase2 = curation_lib.select_sets(candidates, rates, cfg.curation, cfg.seed)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_problems(phase1, tmp / "phase1.jsonl")
+        save_problems(phase2, tmp / "phase2.jsonl")
+        table = [
+            {"problem_id": r.problem_id, "level": r.level, "pass_rate": r.pass_rate, "correct": r.correct,
+             "samples": r.samples, "mean_length": r.mean_length,
+             "phase1": r.problem_id in {p.id for p in phase1}, "phase2": r.problem_id in {p.id for p in phase2}}
+            for r in rates
+        ]
+        with open(tmp / "pass_rates.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in table)
+        summary = {
+            "model_uri": model_uri, "candidates": len(candidates), "phase1": len(phase1), "phase2": len(phase2),
+            "mean_pass_rate": sum(r.pass_rate for r in rates) / len(rates),
+        }
+        (tmp / "done.json").write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        _point_latest(out)
+        mlflow.log_table({k: [row[k] for row in table] for k in table[0]}, artifact_file="pass_rates.json")
+        tracking.log_metrics({"candidates": len(candidates), "phase1_problems": len(phase1),
+                              "phase2_problems": len(phase2), "mean_pass_rate": summary["mean_pass_rate"]})
+        mlflow.log_artifacts(str(out), artifact_path="curation")
+        publish.table("curation-pass-rates", table, f"Pass rates of {len(candidates)} candidates under {model_uri}")
+    return str(out)
+
+
+def _point_latest(curation_dir: Path) -> None:
+    """Record the newest curation so `concise-rl train` finds its sets without a path."""
+    pointer = curation_dir.parent / "latest"
+    tmp = pointer.with_suffix(".tmp")
+    tmp.write_text(curation_dir.name)
+    os.replace(tmp, pointer)
+
+
+# --------------------------------------------------------------------------- training
+def train_phase(cfg: PipelineConfig, phase: str, model_uri: str, problems_path: str) -> str:
+    """PPO for one phase from ``model_uri`` on the problems in ``problems_path``; returns the final policy dir."""
+    problems = load_problems(problems_path)
+    ppo_cfg = cfg.ppo_for(phase)
+    with tracking.stage_run(cfg, f"train-{phase}", phase=phase, model_uri=model_uri) as run:
+        model_dir = tracking.resolve_model_uri(model_uri)
+        mlflow.log_params({"phase_problems": len(problems), "phase_ppo": json.dumps(ppo_cfg.model_dump(mode="json"))})
+        trainer = PPOTrainer(
+            policy_path=model_dir,
+            problems=problems,
+            out_dir=paths.checkpoints(phase),
+            ppo_cfg=ppo_cfg,
+            model_cfg=cfg.model,
+            prompt_cfg=cfg.prompt,
+            reward_cfg=cfg.reward,
+            on_step=lambda step, metrics: tracking.log_metrics(metrics, step=step),
+        )
+        final = trainer.train()
+        metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
+        if metrics_file.is_file():
+            mlflow.log_artifact(str(metrics_file))
+            rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+            keys = ("step", "reward", "accuracy", "response_length", "kl", "policy_loss", "value_loss")
+            publish.table(f"{phase}-metrics", [{k: r.get(k) for k in keys} for r in rows],
+                          f"{phase} PPO metrics per step (MLflow run {run.info.run_id})")
+    return str(final)
+
+
+def register(cfg: PipelineConfig, phase: str, model_dir: str, parent: dict[str, str]) -> dict[str, str]:
+    """Register a trained policy as a version (once per training run) and point its alias at it."""
+    client = tracking.setup(cfg)
+    state = json.loads((Path(model_dir) / "trainer_state.json").read_text())
+    existing = tracking.find_version(
+        client, cfg.registry.model_name, phase=PHASE_TAG[phase], run_key=state["run_key"],
+        parent_version=parent["version"],
+    )
+    if existing is None:
+        with tracking.stage_run(cfg, f"register-{phase}", phase=phase):
+            existing = tracking.register_model_dir(
+                client, cfg, Path(model_dir), phase=PHASE_TAG[phase], parent_version=parent["version"],
+                tags={"run_key": state["run_key"], "ppo_steps": str(state["step"])},
+            )
+    client.set_registered_model_alias(cfg.registry.model_name, PHASE_ALIAS[phase], existing.version)
+    return _version_info(existing)
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluation_sets(cfg: PipelineConfig) -> dict[str, list[Problem]]:
+    sets = {"heldout": load_source(cfg.evaluation.heldout, split="heldout")}
+    for name, src in cfg.evaluation.benchmarks.items():
+        sets[name] = load_source(src, split="heldout")
+    return sets
+
+
+def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str, dict]:
+    """Evaluate each labelled model version; cached per version and evaluation settings."""
+    sets = evaluation_sets(cfg)
+    key = stable_hash({"eval": cfg.evaluation.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(),
+                       "sets": {k: problems_hash(v) for k, v in sets.items()}, "seed": cfg.seed})
+    results: dict[str, dict] = {}
+    with tracking.stage_run(cfg, "evaluate"):
+        for label, info in models.items():
+            out = paths.evaluations() / f"{cfg.registry.model_name}-v{info['version']}-{key}"
+            summary_file = out / "summary.json"
+            if not summary_file.is_file():
+                model_dir = tracking.resolve_model_uri(info["uri"])
+                tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, prompt=cfg.prompt)
+                model = load_policy(model_dir, cfg.model, device=device(cfg))
+                summary, records = evaluate_model(model, tokenizer, sets, cfg.evaluation, cfg.prompt, seed=cfg.seed)
+                out.mkdir(parents=True, exist_ok=True)
+                with open(out / "responses.jsonl", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in records)
+                _atomic_write_json(summary_file, summary)
+            summary = json.loads(summary_file.read_text())
+            results[label] = {"version": info["version"], "uri": info["uri"], "eval": summary}
+            for bench, temps in summary.items():
+                for t, m in temps.items():
+                    tracking.log_metrics({f"{label}.{bench}.T{t}.accuracy": m["accuracy"],
+                                          f"{label}.{bench}.T{t}.mean_length": m["mean_length"]})
+            mlflow.log_artifacts(str(out), artifact_path=f"evaluations/{label}")
+    return results
+
+
+# --------------------------------------------------------------------------- gate
+def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "phase1") -> dict:
+    """Gate the phase-2 candidate against its parent; move ``champion`` only if it passes.
+
+    Writes the summary to reports/<time>/summary.json and reports/latest/; a
+    failed gate tags the candidate with the failed criteria and is reported in
+    ``summary["promoted"]``, not raised, since it is a normal outcome of a run.
+    """
+    client = tracking.setup(cfg)
+    name = cfg.registry.model_name
+    candidate, parent = results["phase2"], results[parent_label]
+    verdict = evaluate_gate(candidate["eval"], parent["eval"], cfg.gate)
+    reductions = length_reductions(candidate["eval"], parent["eval"])
+    with tracking.stage_run(cfg, "promote", candidate_version=candidate["version"]):
+        version = candidate["version"]
+        client.set_model_version_tag(name, version, "gate", "passed" if verdict["passed"] else "failed")
+        if verdict["passed"]:
+            for bench, temps in candidate["eval"].items():
+                for t, m in temps.items():
+                    client.set_model_version_tag(name, version, f"eval.{bench}.T{t}.accuracy", f"{m['accuracy']:.4f}")
+                    client.set_model_version_tag(name, version, f"eval.{bench}.T{t}.mean_length", f"{m['mean_length']:.1f}")
+                    client.set_model_version_tag(
+                        name, version, f"eval.{bench}.T{t}.length_reduction_pct", f"{reductions[bench][t]:.2f}"
+                    )
+            client.set_registered_model_alias(name, "champion", version)
+        else:
+            failed = [c["name"] for c in verdict["criteria"] if not c["passed"]]
+            client.set_model_version_tag(name, version, "gate_failed_criteria", "; ".join(failed)[:5000])
+        champion = tracking.version_by_alias(client, name, "champion")
+        summary = {
+            "promoted": verdict["passed"],
+            "registered_model": name,
+            "champion_version": str(champion.version) if champion else None,
+            "models": {label: {"version": r["version"], "eval": r["eval"]} for label, r in results.items()},
+            "length_reduction_pct": reductions,
+            "gate": verdict,
+        }
+        tracking.log_metrics({"gate_passed": float(verdict["passed"])})
+        mlflow.log_dict(summary, "summary.json")
+    report_dir = paths.reports() / time.strftime("%Y%m%d-%H%M%S")
+    _atomic_write_json(report_dir / "summary.json", summary)
+    latest = paths.reports() / "latest"
+    _atomic_write_json(latest / "summary.json", summary)
+    publish.markdown("pipeline-summary", publish.summary_markdown(summary), "concise-rl pipeline summary")
+    return summary

@@ -1,0 +1,128 @@
+"""MLflow: the tracking store, one run per stage, and the model registry.
+
+Every model the pipeline produces (the base, phase 1, phase 2) is a version of one
+registered model, tagged with its phase, its parent version and the config hash,
+and addressed by aliases (``base``, ``phase1``, ``candidate``, ``champion``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from concise_rl import paths
+from concise_rl.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    return cfg.registry.tracking_uri or f"sqlite:///{paths.mlflow_db()}"
+
+
+def setup(cfg: PipelineConfig) -> MlflowClient:
+    """Point MLflow at the configured store and make sure the experiment exists."""
+    paths.home().mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
+    if client.get_experiment_by_name(cfg.registry.experiment) is None:
+        location = None if cfg.registry.tracking_uri else paths.mlflow_artifacts().as_uri()
+        with contextlib.suppress(MlflowException):  # another process created it first
+            client.create_experiment(cfg.registry.experiment, artifact_location=location)
+    mlflow.set_experiment(cfg.registry.experiment)
+    return client
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out |= _flatten(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(cfg: PipelineConfig, stage: str, **tags: str) -> Iterator[mlflow.ActiveRun]:
+    """One MLflow run per pipeline stage, with the whole config as params."""
+    setup(cfg)
+    with mlflow.start_run(run_name=stage, tags={"stage": stage, "config_hash": cfg.config_hash(), **tags}) as run:
+        params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                  for k, v in _flatten(cfg.model_dump(mode="json")).items()}
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        yield run
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log finite numbers only: MLflow rejects NaN in some stores, and NaN means 'no data' here."""
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        with contextlib.suppress(MlflowException):
+            client.create_registered_model(name, description="concise-rl: base, phase-1 and phase-2 policies")
+
+
+def register_model_dir(
+    client: MlflowClient, cfg: PipelineConfig, model_dir: Path, *, phase: str, parent_version: str | None, tags: dict[str, str]
+) -> ModelVersion:
+    """Upload a Hugging Face model folder as run artifacts and register it as a new version.
+
+    Must be called inside a stage run; the version's source is that run's artifact.
+    """
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("register_model_dir needs an active MLflow run (use stage_run)")
+    mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    ensure_registered_model(client, cfg.registry.model_name)
+    all_tags = {"phase": phase, "parent_version": parent_version or "", "config_hash": cfg.config_hash(), **tags}
+    return client.create_model_version(
+        cfg.registry.model_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=all_tags
+    )
+
+
+def find_version(client: MlflowClient, name: str, **tags: str) -> ModelVersion | None:
+    """The newest version of ``name`` whose tags include all of ``tags``."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    matching = [v for v in versions if all(v.tags.get(k) == val for k, val in tags.items())]
+    return max(matching, key=lambda v: int(v.version), default=None)
+
+
+def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def resolve_model_uri(uri: str) -> str:
+    """A local directory for a ``models:/`` or ``runs:/`` URI; other strings pass through unchanged."""
+    if uri.startswith(("models:/", "runs:/")):
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    return uri
+
+
+def model_uri(name: str, version: str) -> str:
+    return f"models:/{name}/{version}"

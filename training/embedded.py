@@ -1,0 +1,186 @@
+"""The embedded default: a small Qwen2 model and tokenizer the project builds itself.
+
+No weights can be downloaded on the machines this must run on, so the demo trains
+its own base: a byte-level BPE tokenizer fitted on the task's text, a
+Qwen2-architecture model from random init, and supervised fine-tuning with TRL's
+SFTTrainer on verbose chain-of-thought traces. The result is saved in Hugging Face
+format, so every later stage loads it with the same code as a real model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from concise_rl.config import EmbeddedModelConfig, PromptConfig
+from concise_rl.synthetic import generate_problems, reasoning_trace
+
+log = logging.getLogger(__name__)
+
+EOS = "<|im_end|>"
+PAD = "<|endoftext|>"
+SPECIAL_TOKENS = [PAD, "<|im_start|>", EOS]
+# Qwen2's chat template, reduced to user and assistant turns.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+SFT_MAX_LEVEL = 8
+
+
+# Qwen2's pre-tokenizer split: words, single digits, punctuation runs, whitespace.
+# transformers >= 5 rebuilds a saved Qwen2 tokenizer from its vocabulary and merges
+# with exactly this split (and NFC), so the tokenizer must be fitted with it too:
+# otherwise the reloaded tokenizer cuts text differently from the one the model
+# was trained with.
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE like Qwen2's, with digits split one per token so arithmetic is learnable."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+        model_max_length=4096,
+    )
+
+
+def _check_reload(tokenizer: PreTrainedTokenizerFast, saved: Path, texts: list[str]) -> None:
+    """The saved tokenizer, loaded the way the pipeline loads it, must cut text like the trained one."""
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(saved)
+    for text in texts:
+        if loaded(text).input_ids != tokenizer(text).input_ids:
+            raise RuntimeError(
+                f"the saved embedded tokenizer ({type(loaded).__name__}) tokenizes {text[:80]!r} differently "
+                "from the one the model was trained with"
+            )
+
+
+def _sft_examples(cfg: EmbeddedModelConfig, prompt: PromptConfig, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    # Levels 1-8: every chain length the pipeline asks about is seen in training, so
+    # long chains need no length generalisation.
+    problems = generate_problems(
+        cfg.sft_examples, seed=seed + 1000, min_level=1, max_level=SFT_MAX_LEVEL, split="train", distinct=False
+    )
+    rows = []
+    for p in problems:
+        content = f"{p.prompt}\n{prompt.instruction}" if prompt.instruction else p.prompt
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": content}],
+                "completion": [{"role": "assistant", "content": reasoning_trace(p.prompt, rng)}],
+            }
+        )
+    return rows
+
+
+def _render(row: dict) -> str:
+    """One SFT example as the text the tokenizer is fitted on (roles included, special tokens not)."""
+    return f"user\n{row['prompt'][0]['content']}\nassistant\n{row['completion'][0]['content']}"
+
+
+def build_embedded_model(
+    out_dir: Path, cfg: EmbeddedModelConfig, prompt: PromptConfig, seed: int = 0
+) -> Path:
+    """Build, train and save the embedded base model; a no-op when it already exists.
+
+    Written to a temporary folder and renamed at the end, so a crash never leaves a
+    half-built model that a later run would load.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(seed)
+    rows = _sft_examples(cfg, prompt, seed)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    corpus = [_render(r) for r in rows]
+    tokenizer = build_tokenizer(corpus, cfg.vocab_size)
+    model_cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(model_cfg)
+    # Right padding for teacher-forced training; generation later pads left.
+    tokenizer.padding_side = "right"
+    args = SFTConfig(
+        output_dir=str(tmp / "sft"),
+        num_train_epochs=cfg.sft_epochs,
+        per_device_train_batch_size=cfg.sft_batch_size,
+        learning_rate=cfg.sft_learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        # Batches of similar length waste little compute on padding.
+        train_sampling_strategy="group_by_length",
+        weight_decay=0.0,
+        logging_steps=20,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        max_length=cfg.max_position_embeddings,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.train()
+    tokenizer.padding_side = "left"
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    _check_reload(tokenizer, tmp, corpus[:50])
+    shutil.rmtree(tmp / "sft", ignore_errors=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,116 @@
+"""Loading policies, critics and tokenizers the same way for every model.
+
+Every model, the embedded default included, is a Hugging Face directory or hub id
+loaded with ``from_pretrained``; remote code runs only when the config allows it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from concise_rl.config import ModelConfig, PromptConfig, stable_hash
+from concise_rl import paths
+
+EMBEDDED_PREFIX = "embedded:"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded; the message says what to do."""
+
+
+def embedded_dir(cfg: ModelConfig) -> Path:
+    """Where the embedded model of this shape lives (built there when absent)."""
+    name = cfg.name_or_path[len(EMBEDDED_PREFIX) :] or "demo"
+    return paths.models() / f"embedded-{name}-{stable_hash(cfg.embedded.model_dump())}"
+
+
+def is_embedded(cfg: ModelConfig) -> bool:
+    return cfg.name_or_path.startswith(EMBEDDED_PREFIX)
+
+
+def _looks_local(name_or_path: str) -> bool:
+    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+
+
+def _check_local(name_or_path: str) -> None:
+    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise ModelLoadError(
+            f"model path {name_or_path} does not exist or is not a directory; "
+            "set model.name_or_path to a Hugging Face model folder or a hub id"
+        )
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, prompt: PromptConfig | None = None):
+    _check_local(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if prompt is not None and prompt.use_chat_template and not tokenizer.chat_template:
+        raise ModelLoadError(
+            f"tokenizer of {name_or_path} has no chat template; add one to tokenizer_config.json "
+            "or set prompt.use_chat_template=false to feed plain prompts"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Prompts are left-padded so every response starts at the same column.
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_policy(name_or_path: str, cfg: ModelConfig, device: torch.device | str = "cpu"):
+    _check_local(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+    )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(device)
+
+
+class Critic(nn.Module):
+    """The policy's transformer body with a scalar value head, one value per token."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1))
+        nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_policy(cls, name_or_path: str, cfg: ModelConfig, device: torch.device | str = "cpu") -> Critic:
+        """Initialise the critic from the policy's weights, as the paper's code does."""
+        _check_local(name_or_path)
+        backbone = AutoModel.from_pretrained(
+            name_or_path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
+        if cfg.gradient_checkpointing:
+            backbone.gradient_checkpointing_enable()
+        critic = cls(backbone, backbone.config.hidden_size)
+        return critic.to(device=device, dtype=_DTYPES[cfg.dtype])
+
+    def forward(self, input_ids, attention_mask, position_ids):  # -> [batch, seq]
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return self.value_head(out.last_hidden_state).squeeze(-1).float()
+
+    def save(self, path: Path) -> None:
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
+
+    def load(self, path: Path) -> None:
+        self.load_state_dict(load_file(str(path)))
+
+
+def format_prompt(question: str, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig) -> str:
+    """The text the model is conditioned on for one problem."""
+    content = f"{question}\n{prompt.instruction}" if prompt.instruction else question
+    if not prompt.use_chat_template:
+        return content
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )

@@ -1,0 +1,26 @@
+"""The paper's reward: +1 for a correct boxed answer, -0.5 boxed but wrong, -1 no box.
+
+Nothing in it depends on length: conciseness must come from the optimisation
+(PPO's per-response loss averaging with lambda < 1), not from the reward.
+"""
+
+from __future__ import annotations
+
+from concise_rl.config import RewardConfig
+from evaluation.grader import Grade, grade
+
+
+def reward_of(g: Grade, cfg: RewardConfig) -> float:
+    if g.correct:
+        return cfg.correct
+    return cfg.wrong_boxed if g.boxed else cfg.no_box
+
+
+def score_responses(
+    responses: list[str], answers: list[str], cfg: RewardConfig
+) -> tuple[list[Grade], list[float]]:
+    """Grade each response against its reference answer and turn the grade into a reward."""
+    if len(responses) != len(answers):
+        raise ValueError(f"{len(responses)} responses but {len(answers)} reference answers")
+    grades = [grade(r, a) for r, a in zip(responses, answers)]
+    return grades, [reward_of(g, cfg) for g in grades]
