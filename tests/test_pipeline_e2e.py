@@ -1,0 +1,120 @@
+"""The whole flow, end to end, on a shrunk embedded config: the real CLI, Prefect's
+ephemeral server, the sqlite MLflow registry, real PPO on a tiny Qwen2 model.
+
+Run twice against one registry: a permissive gate promotes the candidate; a strict
+gate (with a changed PPO seed, so both phases retrain) refuses it, exits 3, and
+leaves ``champion`` where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "concise-rl-demo"
+
+TINY = [
+    "model.embedded.hidden_size=32", "model.embedded.num_layers=1", "model.embedded.num_heads=2",
+    "model.embedded.num_kv_heads=1", "model.embedded.intermediate_size=64", "model.embedded.sft_examples=64",
+    "model.embedded.sft_epochs=1", "model.embedded.sft_batch_size=16",
+    "curation.candidates.num_problems=12", "curation.samples_per_problem=4", "curation.max_new_tokens=32",
+    "curation.phase1_band.high=1.0", "curation.phase2_band.low=0.0", "curation.phase2_band.high=1.0",
+    "curation.phase2_num_problems=2",
+    "ppo.steps=2", "ppo.prompts_per_step=2", "ppo.samples_per_prompt=2", "ppo.mini_batch_size=4",
+    "ppo.micro_batch_size=2", "ppo.max_new_tokens=32", "ppo.checkpoint_every=1", "phase2.ppo.steps=2",
+    "evaluation.heldout.num_problems=8", "evaluation.max_new_tokens=32", "evaluation.bootstrap_samples=100",
+]
+
+
+def run_cli(home: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "concise_rl.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml")]
+    for item in [*TINY, *extra]:
+        args += ["--set", item]
+    env = {**os.environ, "CONCISE_RL_HOME": str(home), "OMP_NUM_THREADS": "2"}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def versions(home: Path) -> dict[str, object]:
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    return {str(v.version): v for v in client.search_model_versions(f"name = '{MODEL}'")}
+
+
+def alias(home: Path, name: str) -> str:
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    return str(client.get_model_version_by_alias(MODEL, name).version)
+
+
+@pytest.mark.slow
+def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+
+    # ---- run 1: a gate every candidate passes
+    first = run_cli(home, "gate.min_length_reduction_pct=-100", "gate.max_accuracy_drop=1.0")
+    assert first.returncode == 0, first.stderr[-4000:]
+    summary = json.loads((home / "reports" / "latest" / "summary.json").read_text())
+    assert summary["promoted"] is True
+    assert summary["registered_model"] == MODEL
+    assert summary["champion_version"] == "3"
+    assert set(summary["models"]) == {"base", "phase1", "phase2"}
+    assert [summary["models"][k]["version"] for k in ("base", "phase1", "phase2")] == ["1", "2", "3"]
+    for model in summary["models"].values():
+        temps = model["eval"]["heldout"]
+        assert set(temps) == {"0.0", "0.6"}
+        for m in temps.values():
+            assert 0.0 <= m["accuracy"] <= 1.0
+            lo, hi = m["accuracy_ci"]
+            assert 0.0 <= lo <= m["accuracy"] <= hi <= 1.0
+            assert 0 < m["mean_length"] <= 32
+            assert m["n"] == 8
+    assert set(summary["length_reduction_pct"]["heldout"]) == {"0.0", "0.6"}
+    assert summary["gate"]["passed"] is True
+    assert len(summary["gate"]["criteria"]) == 4
+    assert all(set(c) == {"name", "value", "threshold", "passed"} for c in summary["gate"]["criteria"])
+
+    v = versions(home)
+    assert sorted(v) == ["1", "2", "3"]
+    assert [v[k].tags["phase"] for k in ("1", "2", "3")] == ["base", "1", "2"]
+    assert [v[k].tags["parent_version"] for k in ("1", "2", "3")] == ["", "1", "2"]
+    assert len({v[k].tags["config_hash"] for k in ("1", "2", "3")}) == 1
+    assert (alias(home, "base"), alias(home, "phase1"), alias(home, "candidate"), alias(home, "champion")) == (
+        "1", "2", "3", "3")
+    promoted = v["3"].tags
+    assert promoted["gate"] == "passed"
+    assert float(promoted["eval.heldout.T0.0.accuracy"]) == pytest.approx(
+        summary["models"]["phase2"]["eval"]["heldout"]["0.0"]["accuracy"], abs=1e-4)
+    assert "eval.heldout.T0.6.length_reduction_pct" in promoted
+
+    for phase in ("phase1", "phase2"):
+        ckpt = home / "checkpoints" / phase
+        assert (ckpt / "final" / "model.safetensors").is_file()
+        latest = ckpt / "checkpoints" / (ckpt / "checkpoints" / "latest").read_text().strip()
+        for name in ("policy/model.safetensors", "critic.safetensors", "optim.pt", "rng.pt", "trainer_state.json"):
+            assert (latest / name).is_file(), f"{phase} checkpoint lacks {name}"
+        assert json.loads((latest / "trainer_state.json").read_text())["step"] == 2
+        steps = [json.loads(line)["step"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2]
+
+    # ---- run 2: both phases retrain (new PPO seed) and the gate cannot be met
+    second = run_cli(home, "ppo.seed=1", "gate.min_length_reduction_pct=99", "gate.max_accuracy_drop=1.0")
+    assert second.returncode == 3, second.stderr[-4000:]
+    assert "not promoted" in second.stderr and "length reduction" in second.stderr
+    summary = json.loads((home / "reports" / "latest" / "summary.json").read_text())
+    assert summary["promoted"] is False
+    assert summary["champion_version"] == "3"
+    v = versions(home)
+    assert sorted(v) == ["1", "2", "3", "4", "5"], "the base is reused, each phase registers once"
+    assert v["4"].tags["phase"] == "1" and v["4"].tags["parent_version"] == "1"
+    assert v["5"].tags["phase"] == "2" and v["5"].tags["parent_version"] == "4"
+    assert v["5"].tags["gate"] == "failed"
+    assert "length reduction" in v["5"].tags["gate_failed_criteria"]
+    assert alias(home, "champion") == "3"
+    assert alias(home, "candidate") == "5"
+    failed = [c for c in summary["gate"]["criteria"] if not c["passed"]]
+    assert failed and all("length reduction" in c["name"] for c in failed)
