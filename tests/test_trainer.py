@@ -1,0 +1,86 @@
+"""PPOTrainer on a tiny real model: checkpoints, resume, and what a step logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
+from concise_rl.synthetic import generate_problems
+from training.trainer import PPOTrainer
+
+PROBLEMS = generate_problems(6, seed=5, min_level=2, max_level=3)
+LOGGED = {
+    "reward", "accuracy", "response_length", "response_length_correct", "response_length_incorrect",
+    "truncation_rate", "kl", "entropy", "policy_loss", "value_loss", "explained_variance", "clip_frac",
+    "tokens_per_s", "lr_actor", "lr_critic",
+}
+
+
+def make_trainer(model_dir: Path, out: Path, on_step=None, **overrides) -> PPOTrainer:
+    cfg = PPOConfig(
+        steps=3, prompts_per_step=2, samples_per_prompt=2, mini_batch_size=2, micro_batch_size=1,
+        max_new_tokens=16, actor_lr=1e-3, critic_lr=1e-3, warmup_ratio=0.0, checkpoint_every=1, **overrides,
+    )
+    return PPOTrainer(
+        policy_path=str(model_dir), problems=PROBLEMS, out_dir=out, ppo_cfg=cfg, model_cfg=ModelConfig(),
+        prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), on_step=on_step, keep_checkpoints=2,
+    )
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    logged: list[tuple[int, dict]] = []
+    straight = make_trainer(tiny_model_dir, tmp_path / "straight", on_step=lambda s, m: logged.append((s, m)))
+    final_straight = straight.train()
+
+    assert [s for s, _ in logged] == [1, 2, 3]
+    assert LOGGED <= set(logged[0][1])
+    assert logged[0][1]["kl"] == pytest.approx(0.0, abs=1e-6), "the first rollout is sampled from the reference"
+
+    def crash_at_3(step: int, metrics: dict) -> None:
+        if step == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        make_trainer(tiny_model_dir, tmp_path / "resumed", on_step=crash_at_3).train()
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-000002"
+    final_resumed = make_trainer(tiny_model_dir, tmp_path / "resumed").train()
+
+    a = load_file(str(final_straight / "model.safetensors"))
+    b = load_file(str(final_resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert any(not torch.equal(before[k], a[k]) for k in a), "PPO changed no weight"
+    rows = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000002", "step-000003"], "older pruned"
+
+
+def test_finished_run_is_reused_and_other_settings_start_afresh(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    make_trainer(tiny_model_dir, out).train()
+    stamp = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    calls: list[int] = []
+    make_trainer(tiny_model_dir, out, on_step=lambda s, m: calls.append(s)).train()
+    assert calls == [] and (out / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+    make_trainer(tiny_model_dir, out, on_step=lambda s, m: calls.append(s), lam=1.0).train()
+    assert calls == [1, 2, 3], "a different config must not resume another run's checkpoint"
+
+
+def test_empty_problem_set_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        PPOTrainer(
+            policy_path=str(tiny_model_dir), problems=[], out_dir=tmp_path, ppo_cfg=PPOConfig(),
+            model_cfg=ModelConfig(), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(),
+        )
