@@ -18,6 +18,7 @@ from typing import Any
 
 import mlflow
 import torch
+from accelerate import Accelerator
 
 from concise_rl import paths
 from concise_rl.config import DataSource, PipelineConfig, stable_hash
@@ -177,6 +178,7 @@ def train_phase(cfg: PipelineConfig, phase: str, model_uri: str, problems_path: 
             prompt_cfg=cfg.prompt,
             reward_cfg=cfg.reward,
             on_step=lambda step, metrics: tracking.log_metrics(metrics, step=step),
+            accelerator=Accelerator(cpu=device(cfg).type == "cpu"),
         )
         final = trainer.train()
         metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
