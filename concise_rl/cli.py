@@ -240,10 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "urllib3", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _setup_environment()
-    from concise_rl.config import ConfigError, load_config
-    from concise_rl.problems import ProblemLoadError
-    from training.curation import CurationError
-    from training.models import ModelLoadError
+    from concise_rl.config import load_config
+    from concise_rl.errors import ConfigError, CurationError, ModelLoadError, ProblemLoadError
 
     bad_input = (ConfigError, ProblemLoadError, ModelLoadError, CurationError, LookupError, FileNotFoundError)
     try:

@@ -15,9 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says why and where."""
+from concise_rl.errors import ConfigError
 
 
 class _Strict(BaseModel):

@@ -13,6 +13,7 @@ from string import ascii_uppercase
 from typing import Any
 
 from concise_rl.answers import extract_boxed
+from concise_rl.errors import ProblemLoadError
 
 
 @dataclass(frozen=True)
@@ -30,15 +31,6 @@ class Problem:
     answer: str
     source: str
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-class ProblemLoadError(ValueError):
-    """A problem source could not be read; the message names the place and the fix.
-
-    It derives from ``ValueError`` so callers that already treat bad input as a
-    ``ValueError`` keep working, while callers that want to report load failures
-    to a user can catch exactly this type.
-    """
 
 
 PROMPT_FIELDS = ("prompt", "problem", "question")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from concise_rl.config import GateConfig
 
+# Figures exactly at a threshold pass: 1 - 80/100 is 0.19999999999999996 in floats.
+_EPS = 1e-9
+
 
 def length_reduction_pct(candidate_len: float, parent_len: float) -> float:
     """How much shorter the candidate's responses are, in percent of the parent's."""
@@ -39,7 +42,7 @@ def evaluate_gate(candidate: dict, parent: dict, cfg: GateConfig) -> dict:
                     "name": f"{bench}@T={t} accuracy drop",
                     "value": round(drop, 6),
                     "threshold": cfg.max_accuracy_drop,
-                    "passed": drop <= cfg.max_accuracy_drop + 1e-12,
+                    "passed": drop <= cfg.max_accuracy_drop + _EPS,
                 }
             )
             criteria.append(
@@ -47,7 +50,7 @@ def evaluate_gate(candidate: dict, parent: dict, cfg: GateConfig) -> dict:
                     "name": f"{bench}@T={t} length reduction %",
                     "value": round(reduction, 4),
                     "threshold": cfg.min_length_reduction_pct,
-                    "passed": reduction >= cfg.min_length_reduction_pct,
+                    "passed": reduction >= cfg.min_length_reduction_pct - _EPS,
                 }
             )
     if not criteria:

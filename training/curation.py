@@ -12,14 +12,11 @@ import random
 from dataclasses import dataclass
 
 from concise_rl.config import Band, CurationConfig, PromptConfig, RewardConfig
+from concise_rl.errors import CurationError
 from concise_rl.problems import Problem
 from training.generation import generate
 from training.models import format_prompt
 from training.reward import score_responses
-
-
-class CurationError(ValueError):
-    """Curation found nothing usable; the message names the band and what to change."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +66,8 @@ def measure_pass_rates(
 
 
 def _in_band(problems: list[Problem], rates: list[PassRate], band: Band) -> list[Problem]:
+    if [p.id for p in problems] != [r.problem_id for r in rates]:
+        raise CurationError("pass rates do not line up with the candidate problems (ids differ); re-run curation")
     return [p for p, r in zip(problems, rates) if band.contains(r.pass_rate)]
 
 

@@ -13,15 +13,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from concise_rl.config import ModelConfig, PromptConfig, stable_hash
 from concise_rl import paths
+from concise_rl.config import ModelConfig, PromptConfig, stable_hash
+from concise_rl.errors import ModelLoadError
 
 EMBEDDED_PREFIX = "embedded:"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer that cannot be loaded; the message says what to do."""
 
 
 def embedded_dir(cfg: ModelConfig) -> Path:

@@ -1,0 +1,23 @@
+"""Errors that mean "the input is wrong": the CLI turns each into exit code 2.
+
+They live here, free of heavy imports, so the CLI can catch them without loading
+torch first; each message names the input and says what to change.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used."""
+
+
+class ProblemLoadError(ValueError):
+    """A problem file or dataset that cannot be read into problems."""
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded."""
+
+
+class CurationError(ValueError):
+    """Curation found nothing usable in a configured band."""
