@@ -164,6 +164,9 @@ class PPOTrainer:
     @torch.no_grad()
     def _rollout(self, step: int) -> tuple[Rollout, dict[str, float]]:
         cfg, acc = self.cfg, self.accelerator
+        # Old log-probs and values must come from the same (dropout-free) mode as sampling.
+        self.policy.eval()
+        self.critic.eval()
         idx = [i for i in self._batch_indices(step) for _ in range(cfg.samples_per_prompt)]
         gen: Generation = generate(
             acc.unwrap_model(self.policy),
