@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from concise_rl import paths
 from concise_rl.config import ModelConfig, PromptConfig, stable_hash
@@ -82,9 +83,15 @@ class Critic(nn.Module):
     def from_policy(cls, name_or_path: str, cfg: ModelConfig, device: torch.device | str = "cpu") -> Critic:
         """Initialise the critic from the policy's weights, as the paper's code does."""
         _check_local(name_or_path)
-        backbone = AutoModel.from_pretrained(
-            name_or_path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-        )
+        # Loading the body alone leaves the LM head unused; that is the point, not a warning.
+        previous = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            backbone = AutoModel.from_pretrained(
+                name_or_path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+            )
+        finally:
+            hf_logging.set_verbosity(previous)
         if cfg.gradient_checkpointing:
             backbone.gradient_checkpointing_enable()
         critic = cls(backbone, backbone.config.hidden_size)

@@ -26,6 +26,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig, stable_hash
 from concise_rl.problems import Problem, problems_hash
+from evaluation.grader import Grade
 from training import ppo
 from training.generation import Generation, generate
 from training.models import Critic, format_prompt, load_policy, load_tokenizer
@@ -34,6 +35,8 @@ from training.reward import score_responses
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, dict[str, float]], None]
+# (responses, reference answers) -> (grades, scalar rewards); the paper's reward by default.
+Scorer = Callable[[list[str], list[str]], tuple[list[Grade], list[float]]]
 
 
 @dataclass
@@ -86,13 +89,14 @@ class PPOTrainer:
         on_step: StepCallback | None = None,
         keep_checkpoints: int = 2,
         accelerator: Accelerator | None = None,
+        scorer: Scorer | None = None,
     ):
         if not problems:
             raise ValueError("PPO needs at least one training problem; the problem set is empty")
         self.cfg = ppo_cfg
         self.model_cfg = model_cfg
         self.prompt_cfg = prompt_cfg
-        self.reward_cfg = reward_cfg
+        self.scorer = scorer or (lambda texts, answers: score_responses(texts, answers, reward_cfg))
         self.problems = problems
         self.policy_path = policy_path
         self.out_dir = Path(out_dir)
@@ -184,7 +188,7 @@ class PPOTrainer:
         input_ids = torch.cat([gen.prompt_ids, response_ids], 1)
         attention_mask = torch.cat([gen.prompt_mask, mask.long()], 1)
 
-        grades, scores = score_responses(gen.texts, [self.problems[i].answer for i in idx], self.reward_cfg)
+        grades, scores = self.scorer(gen.texts, [self.problems[i].answer for i in idx])
         scores = torch.tensor(scores, dtype=torch.float32)
 
         logprobs, ref_logprobs, values, entropy = [], [], [], []
