@@ -1,15 +1,17 @@
 """The built-in reasoning task of the embedded default: chained last-digit arithmetic.
 
 A problem is a starting digit and a chain of operations applied left to right,
-keeping only the last digit after each ("Start with 7. Add 5. Multiply by 8.").
+keeping only the last digit after each ("Start with 7. Step 1: Add 5. Step 2:
+Multiply by 8."). The steps are numbered so that a small model can find the
+operand of step k by copying, and what it must really learn is the arithmetic.
 Each step is a small table a tiny transformer can learn in minutes on a CPU; the
 level is the number of steps, and every step is another chance to slip, so
 difficulty is graded: short chains are solved almost always and long ones only
 sometimes, which gives curation a spread of pass rates.
 
 Chain-of-thought traces carry a random amount of redundant re-checking: the same
-model that answers correctly in a few steps has also learned to re-verify each
-step up to three times and to re-derive the whole chain at the end. That makes the
+model that answers correctly in a few steps has also learned to re-verify steps
+("Let me check: 2*8=16->6.") and to re-derive the whole chain at the end. That makes the
 trained base a *verbose reasoner*, the analogue of R1-Distill, whose length RL can
 then reduce without any length term in the reward.
 """
@@ -30,6 +32,9 @@ _OPS = {
 HELDOUT_FRACTION = 0.2
 # How often reasoning_trace picks verbosity 0, 1, 2, 3 when none is given.
 VERBOSITY_WEIGHTS = (1, 2, 3, 3)
+# Chance that a step is re-checked, by verbosity; verbosity 3 may also re-derive the
+# whole chain. Kept so that most long chains still fit a 256-token answer.
+CHECK_PROBABILITY = (0.0, 0.6, 0.75, 0.75)
 
 
 @dataclass(frozen=True)
@@ -49,11 +54,11 @@ class Step:
         return self.full % 10
 
     def phrase(self) -> str:
-        """The operation as the question words it, without the full stop: "Multiply by 8"."""
-        return _OPS[self.op][0].format(n=self.operand)[:-1]
+        """The operation as the question words it: "Multiply by 8."."""
+        return _OPS[self.op][0].format(n=self.operand)
 
     def text(self) -> str:
-        return f"{self.left} {_OPS[self.op][1]} {self.operand} = {self.full} -> {self.result}"
+        return f"{self.left}{_OPS[self.op][1]}{self.operand}={self.full}->{self.result}"
 
 
 def _random_step(rng: random.Random, value: int) -> Step:
@@ -77,7 +82,7 @@ def _steps(rng: random.Random, level: int) -> list[Step]:
 
 def _question(steps: list[Step]) -> str:
     parts = [f"Start with {steps[0].left}."]
-    parts += [_OPS[s.op][0].format(n=s.operand) for s in steps]
+    parts += [f"Step {i}: {_OPS[s.op][0].format(n=s.operand)}" for i, s in enumerate(steps, 1)]
     return " ".join(parts) + " Keep only the last digit after each step. What is the final digit?"
 
 
@@ -132,8 +137,8 @@ def generate_problems(
 def reasoning_trace(question: str, rng: random.Random, verbosity: int | None = None) -> str:
     """A correct chain-of-thought answer to `question` with `verbosity` (0-3) re-checks.
 
-    The trace restates the start and each operation the way the question words it
-    ("Multiply by 8: 2 * 8 = 16 -> 6."), so finding the next operand is a copy from
+    The trace restates the start and each numbered step the way the question words it
+    ("Step 2: Multiply by 8. 2*8=16->6."), so finding the next operand is a copy from
     the question and the work left is the arithmetic itself. verbosity 0 states each
     step once; higher values re-check steps more often and re-derive the chain at the
     end, so trace length varies a lot at equal accuracy.
@@ -144,24 +149,26 @@ def reasoning_trace(question: str, rng: random.Random, verbosity: int | None = N
         # continuation and even greedy decoding stays verbose.
         verbosity = rng.choices(range(4), weights=VERBOSITY_WEIGHTS)[0]
     lines = [f"Start with {steps[0].left}."]
-    for step in steps:
-        lines.append(f"{step.phrase()}: {step.text()}.")
-        for _ in range(rng.randint(0, verbosity)):
+    for i, step in enumerate(steps, 1):
+        lines.append(f"Step {i}: {step.phrase()} {step.text()}.")
+        if rng.random() < CHECK_PROBABILITY[verbosity]:
             lines.append(f"Let me check: {step.text()}.")
-    if verbosity >= 2 and rng.random() < 0.5:
+    if verbosity == 3 and rng.random() < 0.5:
         lines.append("Let me verify the whole chain again.")
-        lines.append(f"Start with {steps[0].left}.")
-        lines += [f"{step.phrase()}: {step.text()}." for step in steps]
+        lines += [f"{step.text()}." for step in steps]
     lines.append(f"So the answer is \\boxed{{{steps[-1].result}}}.")
     return " ".join(lines)
 
 
 def _parse_question(question: str) -> list[Step]:
-    words = question.replace(".", "").split()
+    words = question.replace(".", "").replace(":", "").split()
     value = int(words[2])
     steps = []
     i = 3
     while i < len(words) and words[i] != "Keep":
+        if words[i] == "Step":
+            i += 2
+            continue
         verb = words[i]
         if verb == "Multiply":
             op, n, i = "mul", int(words[i + 2]), i + 3
