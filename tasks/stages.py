@@ -77,9 +77,8 @@ def prepare_base(cfg: PipelineConfig) -> dict[str, str]:
     """Build the embedded model if needed and register the base as a model version (once)."""
     client = tracking.setup(cfg)
     source = cfg.model.name_or_path
-    source_key = stable_hash({"name_or_path": source, "embedded": cfg.model.embedded.model_dump()}) if is_embedded(
-        cfg.model
-    ) else stable_hash({"name_or_path": source})
+    # The embedded model's folder name already hashes its config and build recipe.
+    source_key = stable_hash(str(embedded_dir(cfg.model)) if is_embedded(cfg.model) else source)
     existing = tracking.find_version(client, cfg.registry.model_name, phase="base", source_key=source_key)
     if existing is not None:
         log.info("base model already registered as version %s", existing.version)

@@ -22,10 +22,19 @@ EMBEDDED_PREFIX = "embedded:"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _embedded_code_hash() -> str:
+    """The task and the build recipe are part of the model's identity, not only its config."""
+    from concise_rl import synthetic
+    from training import embedded
+
+    return stable_hash([Path(m.__file__).read_text() for m in (synthetic, embedded)])
+
+
 def embedded_dir(cfg: ModelConfig) -> Path:
-    """Where the embedded model of this shape lives (built there when absent)."""
+    """Where the embedded model of this shape and recipe lives (built there when absent)."""
     name = cfg.name_or_path[len(EMBEDDED_PREFIX) :] or "demo"
-    return paths.models() / f"embedded-{name}-{stable_hash(cfg.embedded.model_dump())}"
+    key = stable_hash({"config": cfg.embedded.model_dump(), "code": _embedded_code_hash()})
+    return paths.models() / f"embedded-{name}-{key}"
 
 
 def is_embedded(cfg: ModelConfig) -> bool:
