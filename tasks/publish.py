@@ -60,7 +60,7 @@ def summary_rows(summary: dict) -> list[list[str]]:
 SUMMARY_HEADER = ["model", "version", "set", "T", "accuracy % [95% CI]", "mean length", "length cut", "n"]
 
 
-def summary_markdown(summary: dict) -> str:
+def summary_markdown(summary: dict, figures: dict[str, str] | None = None) -> str:
     lines = ["# concise-rl pipeline summary", ""]
     verdict = "PROMOTED" if summary["promoted"] else "NOT PROMOTED"
     lines += [f"**{verdict}**: registered model `{summary['registered_model']}`, champion version "
@@ -70,4 +70,6 @@ def summary_markdown(summary: dict) -> str:
     lines += ["", "## Gate", "", "| criterion | value | threshold | passed |", "|---|---|---|---|"]
     lines += [f"| {c['name']} | {c['value']:.4g} | {c['threshold']} | {'yes' if c['passed'] else 'NO'} |"
               for c in summary["gate"]["criteria"]]
+    if figures:
+        lines += ["", "## Plots", ""] + [f"- `{name}`: {where}" for name, where in figures.items()]
     return "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ from concise_rl import paths
 from concise_rl.config import DataSource, PipelineConfig, stable_hash
 from concise_rl.problems import Problem, load_hf_dataset, load_problems, problems_hash, save_problems
 from concise_rl.synthetic import generate_problems
+from evaluation import plots
 from evaluation.evaluate import evaluate_model
 from evaluation.gate import evaluate_gate, length_reductions
 from tasks import publish, tracking
@@ -66,6 +67,10 @@ def _atomic_write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _version_info(version) -> dict[str, str]:
@@ -136,6 +141,12 @@ def curate(cfg: PipelineConfig, model_uri: str) -> str:
         ]
         with open(tmp / "pass_rates.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in table)
+        plots.plot_pass_rates(
+            [r.pass_rate for r in rates],
+            {"phase 1": (cfg.curation.phase1_band.low, cfg.curation.phase1_band.high),
+             "phase 2": (cfg.curation.phase2_band.low, cfg.curation.phase2_band.high)},
+            tmp / "pass_rates.png",
+        )
         summary = {
             "model_uri": model_uri, "candidates": len(candidates), "phase1": len(phase1), "phase2": len(phase2),
             "mean_pass_rate": sum(r.pass_rate for r in rates) / len(rates),
@@ -183,7 +194,8 @@ def train_phase(cfg: PipelineConfig, phase: str, model_uri: str, problems_path: 
         metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
         if metrics_file.is_file():
             mlflow.log_artifact(str(metrics_file))
-            rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+            rows = _read_jsonl(metrics_file)
+            mlflow.log_artifact(str(plots.plot_training({phase: rows}, paths.checkpoints(phase) / "training.png")))
             keys = ("step", "reward", "accuracy", "response_length", "kl", "policy_loss", "value_loss")
             publish.table(f"{phase}-metrics", [{k: r.get(k) for k in keys} for r in rows],
                           f"{phase} PPO metrics per step (MLflow run {run.info.run_id})")
@@ -258,7 +270,7 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
     candidate, parent = results["phase2"], results[parent_label]
     verdict = evaluate_gate(candidate["eval"], parent["eval"], cfg.gate)
     reductions = length_reductions(candidate["eval"], parent["eval"])
-    with tracking.stage_run(cfg, "promote", candidate_version=candidate["version"]):
+    with tracking.stage_run(cfg, "promote", candidate_version=candidate["version"]) as run:
         version = candidate["version"]
         client.set_model_version_tag(name, version, "gate", "passed" if verdict["passed"] else "failed")
         if verdict["passed"]:
@@ -284,9 +296,30 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
         }
         tracking.log_metrics({"gate_passed": float(verdict["passed"])})
         mlflow.log_dict(summary, "summary.json")
-    report_dir = paths.reports() / time.strftime("%Y%m%d-%H%M%S")
-    _atomic_write_json(report_dir / "summary.json", summary)
+        report_dir = paths.reports() / time.strftime("%Y%m%d-%H%M%S")
+        _atomic_write_json(report_dir / "summary.json", summary)
+        figures = _report_plots(report_dir)
+        for figure in figures:
+            mlflow.log_artifact(str(figure), artifact_path="plots")
     latest = paths.reports() / "latest"
-    _atomic_write_json(latest / "summary.json", summary)
-    publish.markdown("pipeline-summary", publish.summary_markdown(summary), "concise-rl pipeline summary")
+    shutil.rmtree(latest, ignore_errors=True)
+    shutil.copytree(report_dir, latest)
+    links = {f.name: f"{latest / f.name} (MLflow run {run.info.run_id}, plots/{f.name})" for f in figures}
+    publish.markdown("pipeline-summary", publish.summary_markdown(summary, links), "concise-rl pipeline summary")
     return summary
+
+
+def _report_plots(report_dir: Path) -> list[Path]:
+    """Training curves of both phases and the curated pass-rate histogram, next to the summary."""
+    figures = []
+    phases = {p: _read_jsonl(paths.checkpoints(p) / "metrics.jsonl") for p in ("phase1", "phase2")
+              if (paths.checkpoints(p) / "metrics.jsonl").is_file()}
+    if phases:
+        figures.append(plots.plot_training(phases, report_dir / "training_curves.png"))
+    pointer = paths.curation() / "latest"
+    if pointer.is_file():
+        histogram = paths.curation() / pointer.read_text().strip() / "pass_rates.png"
+        if histogram.is_file():
+            shutil.copy(histogram, report_dir / "pass_rates.png")
+            figures.append(report_dir / "pass_rates.png")
+    return figures
