@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -233,8 +234,15 @@ COMMANDS = {"run": _cmd_run, "curate": _cmd_curate, "train": _cmd_train, "evalua
             "promote": _cmd_promote}
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # Unwind normally (closing MLflow runs, stopping Prefect's temporary server)
+    # instead of dying with child processes left behind.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3", "alembic"):
