@@ -87,8 +87,9 @@ def prepare_base(cfg: PipelineConfig) -> dict[str, str]:
     existing = tracking.find_version(client, cfg.registry.model_name, phase="base", source_key=source_key)
     if existing is not None:
         log.info("base model already registered as version %s", existing.version)
+        client.set_registered_model_alias(cfg.registry.model_name, PHASE_ALIAS["base"], existing.version)
         return _version_info(existing)
-    with tracking.stage_run(cfg, "base") as _:
+    with tracking.stage_run(cfg, "base"):
         if is_embedded(cfg.model):
             model_dir = build_embedded_model(embedded_dir(cfg.model), cfg.model.embedded, cfg.prompt, seed=cfg.seed)
         elif Path(source).expanduser().is_dir():
