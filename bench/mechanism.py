@@ -32,8 +32,8 @@ PROBLEMS = generate_problems(8, seed=11, min_level=2, max_level=3)
 MAX_NEW = 48
 
 
-def tiny_policy(out: Path, seed: int = 0) -> Path:
-    """A random 1-layer Qwen2 with the project's tokenizer, trained to stop after ~12 tokens."""
+def tiny_random_model(out: Path, seed: int = 0) -> Path:
+    """A random-init 1-layer Qwen2 with the project's own tokenizer (chat template included)."""
     rng = random.Random(seed)
     corpus = [p.prompt + "\n" + PromptConfig().instruction + "\n" + reasoning_trace(p.prompt, rng)
               for p in generate_problems(200, seed=seed, min_level=1, max_level=4, distinct=False)]
@@ -46,6 +46,16 @@ def tiny_policy(out: Path, seed: int = 0) -> Path:
     ))
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_policy(out: Path, seed: int = 0) -> Path:
+    """The tiny random model trained to stop after ~12 tokens (geometric lengths), so length can move."""
+    tiny_random_model(out, seed)
+    tok = load_tokenizer(str(out))
+    model = AutoModelForCausalLM.from_pretrained(out)
     gen = torch.Generator().manual_seed(seed)
     prompt = tok(format_prompt(PROBLEMS[0].prompt, tok, PromptConfig()), return_tensors="pt").input_ids[0]
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -64,7 +74,6 @@ def tiny_policy(out: Path, seed: int = 0) -> Path:
         opt.step()
         opt.zero_grad()
     model.save_pretrained(out)
-    tok.save_pretrained(out)
     return out
 
 
