@@ -32,7 +32,7 @@ class EmbeddedModelConfig(_Strict):
     intermediate_size: int = Field(384, gt=0)
     vocab_size: int = Field(384, ge=64, description="BPE vocabulary size of the built tokenizer")
     max_position_embeddings: int = Field(1024, gt=0)
-    sft_examples: int = Field(8000, gt=0, description="chain-of-thought traces to train the base on")
+    sft_examples: int = Field(12000, gt=0, description="chain-of-thought traces to train the base on")
     sft_epochs: float = Field(1.0, gt=0)
     sft_learning_rate: float = Field(1e-3, gt=0)
     sft_batch_size: int = Field(8, gt=0)

@@ -1,9 +1,12 @@
 """The built-in reasoning task of the embedded default: chained last-digit arithmetic.
 
 A problem is a starting digit and a chain of operations applied left to right,
-keeping only the last digit after each ("Start with 7. Step 1: Add 5. Step 2:
-Multiply by 8."). The steps are numbered so that a small model can find the
-operand of step k by copying, and what it must really learn is the arithmetic.
+keeping only the last digit after each ("Start with 7. Steps: A +5, B *8, C stop.").
+Each step carries a one-letter label, and the letter after the last step says
+"stop". The trace writes each step's label and operation exactly as the question
+lists them before doing the work ("B *8: 2*8=16->6."), so finding the next
+operation is a lookup of one unique token, the kind of copy a tiny transformer
+learns early (an induction head), and what it must really learn is the arithmetic.
 Each step is a small table a tiny transformer can learn in minutes on a CPU; the
 level is the number of steps, and every step is another chance to slip, so
 difficulty is graded: short chains are solved almost always and long ones only
@@ -11,7 +14,7 @@ sometimes, which gives curation a spread of pass rates.
 
 Chain-of-thought traces carry a random amount of redundant re-checking: the same
 model that answers correctly in a few steps has also learned to re-verify steps
-("Let me check: 2*8=16->6.") and to re-derive the whole chain at the end. That makes the
+("Check: 2*8=16->6.") and to redo the whole chain from the start. That makes the
 trained base a *verbose reasoner*, the analogue of R1-Distill, whose length RL can
 then reduce without any length term in the reward.
 """
@@ -20,21 +23,21 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 
 from concise_rl.problems import Problem
 
-_OPS = {
-    "add": ("Add {n}.", "+"),
-    "sub": ("Subtract {n}.", "-"),
-    "mul": ("Multiply by {n}.", "*"),
-}
+_SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
+_OPS_OF_SYMBOL = {v: k for k, v in _SYMBOLS.items()}
 HELDOUT_FRACTION = 0.2
 # How often reasoning_trace picks verbosity 0, 1, 2, 3 when none is given.
 VERBOSITY_WEIGHTS = (1, 2, 3, 3)
 # Chance that a step is re-checked, by verbosity; verbosity 3 may also re-derive the
 # whole chain. Kept so that most long chains still fit a 256-token answer.
 CHECK_PROBABILITY = (0.0, 0.6, 0.75, 0.75)
+# Longest chain that verbosity 3 may redo from the start.
+REDO_MAX_LEVEL = 5
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,12 @@ class Step:
     def result(self) -> int:
         return self.full % 10
 
-    def phrase(self) -> str:
-        """The operation as the question words it: "Multiply by 8."."""
-        return _OPS[self.op][0].format(n=self.operand)
+    def op_symbol(self) -> str:
+        """The operation as the question writes it: "*8"."""
+        return f"{_SYMBOLS[self.op]}{self.operand}"
 
     def text(self) -> str:
-        return f"{self.left}{_OPS[self.op][1]}{self.operand}={self.full}->{self.result}"
+        return f"{self.left}{_SYMBOLS[self.op]}{self.operand}={self.full}->{self.result}"
 
 
 def _random_step(rng: random.Random, value: int) -> Step:
@@ -80,10 +83,23 @@ def _steps(rng: random.Random, level: int) -> list[Step]:
     return steps
 
 
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# One letter per step plus one that says stop.
+MAX_LEVEL = len(LETTERS) - 1
+
+
+def _line(label: str, step: Step) -> str:
+    """One step of the trace: its label and operation as the question writes them, then the work."""
+    return f"{label} {step.op_symbol()}: {step.text()}."
+
+
 def _question(steps: list[Step]) -> str:
-    parts = [f"Start with {steps[0].left}."]
-    parts += [f"Step {i}: {_OPS[s.op][0].format(n=s.operand)}" for i, s in enumerate(steps, 1)]
-    return " ".join(parts) + " Keep only the last digit after each step. What is the final digit?"
+    ops = [f"{LETTERS[i]} {s.op_symbol()}" for i, s in enumerate(steps)]
+    ops.append(f"{LETTERS[len(steps)]} stop")
+    return (
+        f"Start with {steps[0].left}. Steps: " + ", ".join(ops) + ". "
+        "Keep only the last digit after each step. What is the final digit?"
+    )
 
 
 def _split_of(question: str) -> str:
@@ -110,6 +126,8 @@ def generate_problems(
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if not 1 <= min_level <= max_level <= MAX_LEVEL:
+        raise ValueError(f"levels must satisfy 1 <= min_level <= max_level <= {MAX_LEVEL}, got {min_level}-{max_level}")
     rng = random.Random(f"{seed}-{split}")
     levels = list(range(min_level, max_level + 1))
     seen: set[str] = set()
@@ -137,48 +155,52 @@ def generate_problems(
 def reasoning_trace(question: str, rng: random.Random, verbosity: int | None = None) -> str:
     """A correct chain-of-thought answer to `question` with `verbosity` (0-3) re-checks.
 
-    The trace restates the start and each numbered step the way the question words it
-    ("Step 2: Multiply by 8. 2*8=16->6."), so finding the next operand is a copy from
-    the question and the work left is the arithmetic itself. verbosity 0 states each
-    step once; higher values re-check steps more often and re-derive the chain at the
-    end, so trace length varies a lot at equal accuracy.
+    Each step starts with its letter and operation exactly as the question lists them
+    ("B *8: 2*8=16->6."), so the next operation is found by matching one unique
+    letter token in the question and copying what follows it; the work left is the
+    arithmetic. The letter after the last step says "stop". verbosity 0 states each
+    step once; higher values re-check steps more often and may redo the chain from
+    the start, so trace length varies a lot at equal accuracy.
     """
     steps = _parse_question(question)
     if verbosity is None:
         # Weighted towards re-checking, so that re-checking a step is the most likely
         # continuation and even greedy decoding stays verbose.
         verbosity = rng.choices(range(4), weights=VERBOSITY_WEIGHTS)[0]
+    stop = f"{LETTERS[len(steps)]} stop."
     lines = [f"Start with {steps[0].left}."]
-    for i, step in enumerate(steps, 1):
-        lines.append(f"Step {i}: {step.phrase()} {step.text()}.")
+    for i, step in enumerate(steps):
+        lines.append(_line(LETTERS[i], step))
         if rng.random() < CHECK_PROBABILITY[verbosity]:
-            lines.append(f"Let me check: {step.text()}.")
-    if verbosity == 3 and rng.random() < 0.5:
-        lines.append("Let me verify the whole chain again.")
-        lines += [f"{step.text()}." for step in steps]
+            lines.append(f"Check: {step.text()}.")
+    lines.append(stop)
+    # Redoing the chain only where the whole answer still fits in 256 tokens.
+    if verbosity == 3 and len(steps) <= REDO_MAX_LEVEL and rng.random() < 0.5:
+        lines.append(f"Again from {steps[0].left}:")
+        lines += [_line(LETTERS[i], step) for i, step in enumerate(steps)]
+        lines.append(stop)
     lines.append(f"So the answer is \\boxed{{{steps[-1].result}}}.")
     return " ".join(lines)
 
 
+_QUESTION = re.compile(r"Start with (\d)\. Steps: (.*?)\. Keep only the last digit")
+_ITEM = re.compile(r"([A-Z]) ([-+*])(\d)")
+
+
 def _parse_question(question: str) -> list[Step]:
-    words = question.replace(".", "").replace(":", "").split()
-    value = int(words[2])
+    match = _QUESTION.search(question)
+    if not match:
+        raise ValueError(f"not a chained-arithmetic question: {question!r}")
+    value = int(match.group(1))
+    items = match.group(2).split(", ")
     steps = []
-    i = 3
-    while i < len(words) and words[i] != "Keep":
-        if words[i] == "Step":
-            i += 2
-            continue
-        verb = words[i]
-        if verb == "Multiply":
-            op, n, i = "mul", int(words[i + 2]), i + 3
-        elif verb == "Add":
-            op, n, i = "add", int(words[i + 1]), i + 2
-        elif verb == "Subtract":
-            op, n, i = "sub", int(words[i + 1]), i + 2
-        else:
+    for i, item in enumerate(items[:-1]):
+        m = _ITEM.fullmatch(item)
+        if not m or m.group(1) != LETTERS[i]:
             raise ValueError(f"not a chained-arithmetic question: {question!r}")
-        step = Step(value, op, n)
+        step = Step(value, _OPS_OF_SYMBOL[m.group(2)], int(m.group(3)))
         steps.append(step)
         value = step.result
+    if not steps or items[-1] != f"{LETTERS[len(steps)]} stop":
+        raise ValueError(f"not a chained-arithmetic question: {question!r}")
     return steps

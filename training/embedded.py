@@ -37,6 +37,7 @@ CHAT_TEMPLATE = (
 )
 
 
+SFT_MIN_LEVEL = 2
 SFT_MAX_LEVEL = 8
 
 
@@ -93,10 +94,13 @@ def _check_reload(tokenizer: PreTrainedTokenizerFast, saved: Path, texts: list[s
 
 def _sft_examples(cfg: EmbeddedModelConfig, prompt: PromptConfig, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    # Levels 1-8: every chain length the pipeline asks about is seen in training, so
-    # long chains need no length generalisation.
+    # Levels 2-8: every chain length the pipeline asks about is seen in training, so
+    # long chains need no length generalisation. Level 1 is left out: it teaches
+    # nothing that level 2 does not, and its examples go to the long chains, whose
+    # late-step lookups are what a small model learns last.
     problems = generate_problems(
-        cfg.sft_examples, seed=seed + 1000, min_level=1, max_level=SFT_MAX_LEVEL, split="train", distinct=False
+        cfg.sft_examples, seed=seed + 1000, min_level=SFT_MIN_LEVEL, max_level=SFT_MAX_LEVEL, split="train",
+        distinct=False,
     )
     rows = []
     for p in problems:
