@@ -399,7 +399,15 @@ class PPOTrainer:
         acc = self.accelerator
         from safetensors.torch import load_file
 
-        acc.unwrap_model(self.policy).load_state_dict(load_file(str(path / "policy" / "model.safetensors")), strict=False)
+        policy = acc.unwrap_model(self.policy)
+        result = policy.load_state_dict(load_file(str(path / "policy" / "model.safetensors")), strict=False)
+        # save_pretrained leaves out weights tied to the embeddings; nothing else may be missing.
+        tied = {"lm_head.weight"} if policy.config.tie_word_embeddings else set()
+        if result.unexpected_keys or set(result.missing_keys) - tied:
+            raise RuntimeError(
+                f"checkpoint {path} does not match the policy (missing {result.missing_keys}, "
+                f"unexpected {result.unexpected_keys}); delete {self.ckpt_dir} to start this phase afresh"
+            )
         acc.unwrap_model(self.critic).load(path / "critic.safetensors")
         optim = torch.load(path / "optim.pt", weights_only=False)
         self.opt_actor.load_state_dict(optim["opt_actor"])
