@@ -47,8 +47,8 @@ exit codes: 0 ok, 1 error, 2 bad input (the message names it), 3 gate failed
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="pipeline config YAML (default: built-in defaults; "
-                   "configs/demo.yaml is the embedded demo)")
+    p.add_argument("--config", metavar="FILE", help="pipeline config YAML (default: the built-in defaults, i.e. the paper's PPO "
+                   "settings on the embedded model; configs/demo.yaml is the 15-minute CPU demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override one config field, repeatable; values are read as YAML "
                         "(e.g. --set ppo.lam=0.95 --set evaluation.temperatures=[0,0.6])")
