@@ -8,7 +8,6 @@ else.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -109,19 +108,24 @@ def _setup_environment() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
-def print_summary(summary: dict) -> None:
+def _print_models_table(title: str, summary: dict):
     from rich.console import Console
     from rich.table import Table
 
     from tasks.publish import SUMMARY_HEADER, summary_rows
 
     console = Console()
-    table = Table(title=f"concise-rl: {summary['registered_model']}")
+    table = Table(title=title)
     for col in SUMMARY_HEADER:
         table.add_column(col)
     for row in summary_rows(summary):
         table.add_row(*row)
     console.print(table)
+    return console
+
+
+def print_summary(summary: dict) -> None:
+    console = _print_models_table(f"concise-rl: {summary['registered_model']}", summary)
     verdict = "[green]PASSED[/green]" if summary["gate"]["passed"] else "[red]FAILED[/red]"
     console.print(f"gate {verdict}; champion version: {summary['champion_version']}")
     console.print(f"summary written to {paths.reports() / 'latest' / 'summary.json'}")
@@ -214,7 +218,9 @@ def _cmd_evaluate(args, cfg) -> int:
         models = {"base": _alias_uri(cfg, "base"), "phase1": _alias_uri(cfg, "phase1"),
                   "phase2": _alias_uri(cfg, "candidate")}
     results = stages.evaluate(cfg, models)
-    print(json.dumps({label: r["eval"] for label, r in results.items()}, indent=2))
+    _print_models_table(f"evaluation: {cfg.registry.model_name}",
+                        {"models": results, "length_reduction_pct": {}})
+    print(f"responses and summaries under {paths.evaluations()}")
     return 0
 
 
