@@ -174,23 +174,31 @@ def _point_latest(curation_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- training
 def train_phase(cfg: PipelineConfig, phase: str, model_uri: str, problems_path: str) -> str:
-    """PPO for one phase from ``model_uri`` on the problems in ``problems_path``; returns the final policy dir."""
+    """PPO for one phase from ``model_uri`` on the problems in ``problems_path``; returns the final policy dir.
+
+    A run that already finished with the same inputs is returned as it is, without
+    opening an MLflow run, so re-running the pipeline leaves the tracking store alone.
+    """
     problems = load_problems(problems_path)
     ppo_cfg = cfg.ppo_for(phase)
+    tracking.setup(cfg)
+    trainer = PPOTrainer(
+        policy_path=tracking.resolve_model_uri(model_uri),
+        problems=problems,
+        out_dir=paths.checkpoints(phase),
+        ppo_cfg=ppo_cfg,
+        model_cfg=cfg.model,
+        prompt_cfg=cfg.prompt,
+        reward_cfg=cfg.reward,
+        on_step=lambda step, metrics: tracking.log_metrics(metrics, step=step),
+        accelerator=Accelerator(cpu=device(cfg).type == "cpu"),
+    )
+    done = trainer.finished()
+    if done is not None:
+        log.info("%s already trained in %s", phase, done)
+        return str(done)
     with tracking.stage_run(cfg, f"train-{phase}", phase=phase, model_uri=model_uri) as run:
-        model_dir = tracking.resolve_model_uri(model_uri)
         mlflow.log_params({"phase_problems": len(problems), "phase_ppo": json.dumps(ppo_cfg.model_dump(mode="json"))})
-        trainer = PPOTrainer(
-            policy_path=model_dir,
-            problems=problems,
-            out_dir=paths.checkpoints(phase),
-            ppo_cfg=ppo_cfg,
-            model_cfg=cfg.model,
-            prompt_cfg=cfg.prompt,
-            reward_cfg=cfg.reward,
-            on_step=lambda step, metrics: tracking.log_metrics(metrics, step=step),
-            accelerator=Accelerator(cpu=device(cfg).type == "cpu"),
-        )
         final = trainer.train()
         metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
         if metrics_file.is_file():

@@ -46,6 +46,13 @@ def versions(home: Path) -> dict[str, object]:
     return {str(v.version): v for v in client.search_model_versions(f"name = '{MODEL}'")}
 
 
+def train_runs(home: Path) -> int:
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("concise-rl-demo")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage LIKE 'train-%'")
+    return len(runs)
+
+
 def alias(home: Path, name: str) -> str:
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     return str(client.get_model_version_by_alias(MODEL, name).version)
@@ -118,3 +125,11 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
     assert alias(home, "candidate") == "5"
     failed = [c for c in summary["gate"]["criteria"] if not c["passed"]]
     assert failed and all("length reduction" in c["name"] for c in failed)
+
+    # ---- run 3: the same command again reuses every stage and trains nothing
+    train_runs_before = train_runs(home)
+    third = run_cli(home, "ppo.seed=1", "gate.min_length_reduction_pct=99", "gate.max_accuracy_drop=1.0")
+    assert third.returncode == 3, third.stderr[-4000:]
+    assert sorted(versions(home)) == ["1", "2", "3", "4", "5"], "a re-run registers nothing new"
+    assert train_runs(home) == train_runs_before, "a re-run opens no training run"
+    assert alias(home, "champion") == "3"

@@ -285,11 +285,18 @@ class PPOTrainer:
                 )
 
     # ----------------------------------------------------------------- loop
-    def train(self) -> Path:
-        """Run PPO to ``cfg.steps`` (resuming from the last checkpoint) and return the final policy dir."""
+    def finished(self) -> Path | None:
+        """The final policy dir if this exact run (same start, data, settings) already completed."""
         final = self.out_dir / "final"
         state = self._read_state(final / "trainer_state.json")
         if state and state.get("run_key") == self.run_key and state.get("step") == self.cfg.steps:
+            return final
+        return None
+
+    def train(self) -> Path:
+        """Run PPO to ``cfg.steps`` (resuming from the last checkpoint) and return the final policy dir."""
+        final = self.out_dir / "final"
+        if self.finished():
             log.info("PPO already finished in %s; reusing it", final)
             return final
         self._build()
