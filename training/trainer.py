@@ -295,10 +295,10 @@ class PPOTrainer:
 
     def train(self) -> Path:
         """Run PPO to ``cfg.steps`` (resuming from the last checkpoint) and return the final policy dir."""
-        final = self.out_dir / "final"
-        if self.finished():
-            log.info("PPO already finished in %s; reusing it", final)
-            return final
+        done = self.finished()
+        if done is not None:
+            log.info("PPO already finished in %s; reusing it", done)
+            return done
         self._build()
         self._resume_or_reset()
         acc = self.accelerator
@@ -327,7 +327,7 @@ class PPOTrainer:
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self.save_checkpoint()
         bar.close()
-        return self._save_final(final)
+        return self._save_final(self.out_dir / "final")
 
     # ----------------------------------------------------------------- state
     @staticmethod
