@@ -46,6 +46,11 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
+    generation_engine: Literal["auto", "kv", "hf"] = Field(
+        "auto",
+        description="sampling engine for rollouts, curation and evaluation: 'kv' is the project's KV-cache "
+        "decoder (Qwen2/Llama/Mistral), 'hf' is transformers' generate, 'auto' takes 'kv' where supported",
+    )
     embedded: EmbeddedModelConfig = EmbeddedModelConfig()
 
 
@@ -137,6 +142,12 @@ class PPOConfig(_Strict):
     kl_coef: float = Field(0.01, ge=0.0)
     whiten_advantages: bool = True
     loss_agg_mode: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    rollout_logprobs: Literal["auto", "reuse", "recompute"] = Field(
+        "auto",
+        description="old log-probs for the PPO ratio: 'reuse' takes them from the KV engine's sampling pass "
+        "(saves a forward), 'recompute' runs the training forward; 'auto' reuses them in float32 only, "
+        "where the two agree to ~1e-5 (in bf16 they differ enough to bias the ratio)",
+    )
     vf_coef: float = Field(1.0, gt=0.0)
     actor_lr: float = Field(5e-7, gt=0.0)
     critic_lr: float = Field(9e-6, gt=0.0)

@@ -18,7 +18,8 @@ def temp_key(temperature: float) -> str:
 
 
 def evaluate_model(
-    model, tokenizer, sets: dict[str, list[Problem]], cfg: EvalConfig, prompt: PromptConfig, *, seed: int = 0
+    model, tokenizer, sets: dict[str, list[Problem]], cfg: EvalConfig, prompt: PromptConfig, *, seed: int = 0,
+    engine: str = "auto",
 ) -> tuple[dict[str, dict[str, dict]], list[dict]]:
     """Accuracy and length per set and temperature, and every graded response.
 
@@ -47,6 +48,7 @@ def evaluate_model(
                 batch_size=cfg.batch_size,
                 max_prompt_tokens=prompt.max_prompt_tokens,
                 desc=f"eval {name} T={t}",
+                engine=engine,
             )
             answers = [p.answer for p in problems for _ in range(k)]
             grades = [grade(text, ans) for text, ans in zip(gen.texts, answers)]

@@ -127,7 +127,9 @@ def curate(cfg: PipelineConfig, model_uri: str) -> str:
         tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, prompt=cfg.prompt)
         model = load_policy(model_dir, cfg.model, device=device(cfg))
         torch.manual_seed(cfg.seed)
-        rates = curation_lib.measure_pass_rates(model, tokenizer, candidates, cfg.curation, cfg.prompt, cfg.reward)
+        rates = curation_lib.measure_pass_rates(
+            model, tokenizer, candidates, cfg.curation, cfg.prompt, cfg.reward, engine=cfg.model.generation_engine
+        )
         phase1, phase2 = curation_lib.select_sets(candidates, rates, cfg.curation, cfg.seed)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -251,7 +253,10 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
                 model_dir = tracking.resolve_model_uri(info["uri"])
                 tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, prompt=cfg.prompt)
                 model = load_policy(model_dir, cfg.model, device=device(cfg))
-                summary, records = evaluate_model(model, tokenizer, sets, cfg.evaluation, cfg.prompt, seed=cfg.seed)
+                summary, records = evaluate_model(
+                    model, tokenizer, sets, cfg.evaluation, cfg.prompt, seed=cfg.seed,
+                    engine=cfg.model.generation_engine,
+                )
                 out.mkdir(parents=True, exist_ok=True)
                 with open(out / "responses.jsonl", "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in records)

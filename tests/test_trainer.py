@@ -84,3 +84,27 @@ def test_empty_problem_set_is_refused(tiny_model_dir: Path, tmp_path: Path) -> N
             policy_path=str(tiny_model_dir), problems=[], out_dir=tmp_path, ppo_cfg=PPOConfig(),
             model_cfg=ModelConfig(), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(),
         )
+
+
+def test_rollout_logprobs_from_the_kv_engine_match_a_recompute(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Reusing the sampling pass's log-probs (the float32 default) gives the rollout a
+    recompute would: same tokens, log-probs and entropy to 1e-4, so the same advantages."""
+    rollouts = {}
+    for mode in ("reuse", "recompute"):
+        trainer = make_trainer(tiny_model_dir, tmp_path / mode, rollout_logprobs=mode)
+        trainer._build()
+        torch.manual_seed(7)
+        rollouts[mode] = trainer._rollout(0)
+    (a, ma), (b, mb) = rollouts["reuse"], rollouts["recompute"]
+    assert torch.equal(a.input_ids, b.input_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.advantages, b.advantages, atol=1e-3, rtol=0)
+    assert ma["entropy"] == pytest.approx(mb["entropy"], abs=1e-4)
+
+
+def test_reuse_needs_the_kv_engine(tiny_model_dir: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_model_dir, tmp_path, rollout_logprobs="reuse")
+    trainer.model_cfg = ModelConfig(generation_engine="hf")
+    trainer._build()
+    with pytest.raises(ValueError, match="rollout_logprobs='reuse' needs the KV generation engine"):
+        trainer._rollout(0)

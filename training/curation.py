@@ -33,7 +33,8 @@ class PassRate:
 
 
 def measure_pass_rates(
-    model, tokenizer, problems: list[Problem], cfg: CurationConfig, prompt: PromptConfig, reward: RewardConfig
+    model, tokenizer, problems: list[Problem], cfg: CurationConfig, prompt: PromptConfig, reward: RewardConfig,
+    *, engine: str = "auto",
 ) -> list[PassRate]:
     """Sample ``cfg.samples_per_problem`` responses per problem and count the correct ones."""
     k = cfg.samples_per_problem
@@ -47,6 +48,7 @@ def measure_pass_rates(
         batch_size=cfg.batch_size,
         max_prompt_tokens=prompt.max_prompt_tokens,
         desc="curation: sampling",
+        engine=engine,
     )
     grades, _ = score_responses(gen.texts, [p.answer for p in problems for _ in range(k)], reward)
     lengths = gen.lengths.tolist()

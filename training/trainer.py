@@ -181,6 +181,7 @@ class PPOTrainer:
             max_new_tokens=cfg.max_new_tokens,
             batch_size=len(idx),
             max_prompt_tokens=self.prompt_cfg.max_prompt_tokens,
+            engine=self.model_cfg.generation_engine,
         )
         # Trim the response columns no row used, so later passes don't pay for padding.
         width = max(int(gen.lengths.max()), 1)
@@ -191,19 +192,24 @@ class PPOTrainer:
         grades, scores = self.scorer(gen.texts, [self.problems[i].answer for i in idx])
         scores = torch.tensor(scores, dtype=torch.float32)
 
+        reuse = self._reuse_rollout_logprobs(gen)
         logprobs, ref_logprobs, values, entropy = [], [], [], []
         for s in range(0, len(idx), cfg.micro_batch_size):
             ids = input_ids[s : s + cfg.micro_batch_size].to(acc.device)
             am = attention_mask[s : s + cfg.micro_batch_size].to(acc.device)
             tok = response_ids[s : s + cfg.micro_batch_size].to(acc.device)
-            lp, logits = policy_forward(self.policy, ids, am, width, cfg.temperature, tok)
+            if not reuse:
+                lp, logits = policy_forward(self.policy, ids, am, width, cfg.temperature, tok)
+                logprobs.append(lp.cpu())
+                entropy.append(ppo.entropy_from_logits(logits).cpu())
             rlp, _ = policy_forward(self.ref, ids, am, width, cfg.temperature, tok)
-            logprobs.append(lp.cpu())
             ref_logprobs.append(rlp.cpu())
-            entropy.append(ppo.entropy_from_logits(logits).cpu())
             values.append(critic_forward(self.critic, ids, am, width).cpu())
-        logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-        values, entropy = torch.cat(values) * mask, torch.cat(entropy)
+        if reuse:
+            logprobs, entropy = gen.logprobs[:, :width] * mask, gen.entropy[:, :width]
+        else:
+            logprobs, entropy = torch.cat(logprobs), torch.cat(entropy)
+        ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values) * mask
 
         rewards, kl = ppo.token_rewards(scores, logprobs, ref_logprobs, mask, cfg.kl_coef)
         advantages, returns = ppo.gae(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -226,6 +232,19 @@ class PPOTrainer:
             "generated_tokens": lengths.sum().item(),
         }
         return Rollout(input_ids, attention_mask, mask, logprobs, values, advantages, returns), metrics
+
+    def _reuse_rollout_logprobs(self, gen: Generation) -> bool:
+        """Whether the sampling pass's log-probs stand in for a training forward (see PPOConfig)."""
+        if gen.logprobs is None:
+            if self.cfg.rollout_logprobs == "reuse":
+                raise ValueError(
+                    "ppo.rollout_logprobs='reuse' needs the KV generation engine, which this model does not "
+                    "support; set ppo.rollout_logprobs to 'auto' or 'recompute'"
+                )
+            return False
+        if self.cfg.rollout_logprobs == "auto":
+            return self.model_cfg.dtype == "float32"
+        return self.cfg.rollout_logprobs == "reuse"
 
     # ----------------------------------------------------------------- update
     def _update(self, ro: Rollout) -> dict[str, float]:
