@@ -39,17 +39,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from datasets import Dataset
-from transformers import PrinterCallback, TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
+from transformers import TrainerCallback
+from trl import GRPOTrainer
 
 from bench.mechanism import tiny_random_model
 from concise_rl import paths
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.problems import Problem
 from concise_rl.synthetic import generate_problems
-from training.models import format_prompt, load_tokenizer
-from training.reward import score_responses
+from training.grpo import GRPORun
 from training.trainer import PPOTrainer
 
 TEMPERATURE = 0.6
@@ -84,12 +82,17 @@ def summarise(engine: str, rollouts: int, tokens: list[int], rollout_s: list[flo
 
 
 # ----------------------------------------------------------------- our PPO
-def bench_ppo(model: Path, problems: list[Problem], samples: int, max_new: int, repeats: int, work: Path) -> Result:
-    prompts = len(problems)
-    cfg = PPOConfig(
+def step_config(prompts: int, samples: int, max_new: int, repeats: int) -> PPOConfig:
+    """One optimiser step per RL step of P x S rollouts; GRPO takes the same settings (training.grpo.grpo_args)."""
+    return PPOConfig(
         steps=1 + repeats, prompts_per_step=prompts, samples_per_prompt=samples, mini_batch_size=prompts * samples,
         micro_batch_size=prompts * samples, max_new_tokens=max_new, temperature=TEMPERATURE, kl_coef=KL_COEF,
     )
+
+
+def bench_ppo(model: Path, problems: list[Problem], samples: int, max_new: int, repeats: int, work: Path) -> Result:
+    prompts = len(problems)
+    cfg = step_config(prompts, samples, max_new, repeats)
     trainer = PPOTrainer(
         policy_path=str(model), problems=problems, out_dir=work / "ppo", ppo_cfg=cfg, model_cfg=ModelConfig(),
         prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(),
@@ -127,63 +130,37 @@ class _StepTimer(TrainerCallback):
 
 
 class _TimedGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer that records how long each rollout (generate, score, extra forwards) takes."""
+    """GRPOTrainer that records how long each rollout (generate, score, extra forwards) takes and its tokens."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rollout_times: list[float] = []
+        self.rollout_tokens: list[int] = []
 
     def _generate_and_score_completions(self, inputs):
         t0 = time.perf_counter()
         out = super()._generate_and_score_completions(inputs)
         self.rollout_times.append(time.perf_counter() - t0)
+        self.rollout_tokens.append(int(out["completion_mask"].sum()))
         return out
 
 
 def bench_grpo(model: Path, problems: list[Problem], samples: int, max_new: int, repeats: int, work: Path) -> Result:
+    """TRL's GRPOTrainer (its default loss, dapo) set up as training.grpo sets it up for `concise-rl ablate`."""
     prompts = len(problems)
-    tokenizer = load_tokenizer(str(model), prompt=PromptConfig())
-    dataset = Dataset.from_dict({
-        "prompt": [format_prompt(p.prompt, tokenizer, PromptConfig()) for p in problems],
-        "answer": [p.answer for p in problems],
-    })
-    tokens: list[int] = []
-
-    def reward(completions: list[str], completion_ids: list[list[int]], answer: list[str], **_) -> list[float]:
-        tokens.append(sum(len(ids) for ids in completion_ids))
-        return score_responses(completions, answer, RewardConfig())[1]
-
-    args = GRPOConfig(
-        output_dir=str(work / "grpo"),
-        max_steps=1 + repeats,
-        per_device_train_batch_size=prompts * samples,  # completions per optimiser step
-        gradient_accumulation_steps=1,
-        steps_per_generation=1,  # one generation batch of P prompts x S samples per step
-        num_generations=samples,
-        max_completion_length=max_new,
-        temperature=TEMPERATURE,
-        beta=KL_COEF,
-        use_cpu=True,
-        use_vllm=False,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        model_init_kwargs={"dtype": "float32"},
-        seed=0,
+    run = GRPORun(
+        policy_path=str(model), problems=problems, out_dir=work / "grpo",
+        ppo_cfg=step_config(prompts, samples, max_new, repeats), loss_type="dapo", model_cfg=ModelConfig(),
+        prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), device=torch.device("cpu"),
     )
     timer = _StepTimer()
-    trainer = _TimedGRPOTrainer(
-        model=str(model), reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=[timer],
-    )
-    trainer.remove_callback(PrinterCallback)
+    trainer = run.build(_TimedGRPOTrainer, callbacks=[timer])
     trainer.train()
-    counts = {len(timer.times), len(trainer.rollout_times), len(tokens)}
+    counts = {len(timer.times), len(trainer.rollout_times), len(trainer.rollout_tokens)}
     if counts != {1 + repeats}:
         raise RuntimeError(f"expected {1 + repeats} GRPO steps, each with one rollout; timed {counts}")
     step_s, rollout_s = timer.times[1:], trainer.rollout_times[1:]
-    return summarise("TRL GRPOTrainer", prompts * samples, tokens[1:], rollout_s, step_s, None)
+    return summarise("TRL GRPOTrainer", prompts * samples, trainer.rollout_tokens[1:], rollout_s, step_s, None)
 
 
 # ----------------------------------------------------------------- main

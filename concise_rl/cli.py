@@ -29,6 +29,7 @@ accuracy (Fatemi et al., "Concise Reasoning via Reinforcement Learning").
   train      one PPO phase (--phase 1 or 2), then register the result
   evaluate   evaluate registered models on the held-out sets
   promote    gate the phase-2 candidate against its parent and move 'champion'
+  ablate     phase 2 side by side: lambda, loss aggregation, GRPO, pass-rate bands
 
 State lives under ./.concise-rl (or $CONCISE_RL_HOME): mlflow.db, mlartifacts/,
 checkpoints/phase1|phase2, curation/, evaluations/, reports/latest/summary.json.
@@ -40,6 +41,7 @@ examples:
   concise-rl run --config configs/demo.yaml --set ppo.lam=1.0 --set phase2.ppo.steps=20
   concise-rl train --phase 2 --config configs/demo.yaml --model models:/concise-rl-demo@phase1
   concise-rl evaluate --config configs/demo.yaml
+  concise-rl ablate --config configs/demo.yaml --variants ppo-lam1.0-seq-mean-token-mean,grpo-dapo
 
 exit codes: 0 ok, 1 error, 2 bad input (the message names it), 3 gate failed
 """
@@ -52,6 +54,64 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override one config field, repeatable; values are read as YAML "
                         "(e.g. --set ppo.lam=0.95 --set evaluation.temperatures=[0,0.6])")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+
+
+ABLATE_DESCRIPTION = """\
+Run phase 2 side by side under other settings, every variant from the model phase 2
+starts from (alias 'phase1', or 'base' when phase1.enabled is false) with the config's
+phase-2 PPO settings, and evaluate each on the held-out set next to that model.
+
+variants (--variants, comma-separated; default: all of them):
+  ppo-lam{L}-{AGG}   our PPO with GAE lambda L and loss aggregation AGG, on the curated
+                     phase-2 set; the defaults are L in {0.95, 1.0} x AGG in
+                     {seq-mean-token-mean (the paper's), token-mean, seq-mean-token-sum-norm}
+  grpo-{LOSS}        TRL's GRPOTrainer with loss_type LOSS in {grpo, dr_grpo, dapo, bnpo}:
+                     same problems, reward, prompts, steps, prompts x samples per step,
+                     temperature, max new tokens, actor learning rate and KL weight (beta)
+  band-{LOW}-{HIGH}  our PPO on curation.phase2_num_problems problems drawn from the
+                     curated pass-rate band [LOW, HIGH] (the paper's difficulty study);
+                     the default bands are --bands; a band with too few problems uses
+                     what it has, an empty one is skipped, both noted in the table
+
+Writes ablation.md, ablation.json and ablation.png (accuracy against length reduction)
+to the output folder, prints the table and logs it as one MLflow run (stage 'ablate').
+Each variant has its own subfolder; a re-run skips the variants already done with the
+same settings; an interrupted PPO variant resumes from its last checkpoint, a GRPO
+one starts over. Needs a curation and the phase-1 model: run `concise-rl run` first
+(or `concise-rl curate` and `concise-rl train --phase 1`).
+"""
+
+ABLATE_EPILOG = """\
+examples:
+  concise-rl ablate --config configs/demo.yaml
+  concise-rl ablate --config configs/demo.yaml --steps 2 --eval-problems 50 --variants ppo-lam0.95-token-mean,grpo-dr_grpo
+  concise-rl ablate --config configs/demo.yaml --variants band-0.125-0.375,band-0.625-0.875
+"""
+
+
+def _parsed(parse):
+    """An argparse type from one of concise_rl.ablation's parsers (ValueError -> a usage error)."""
+
+    def convert(text: str):
+        from concise_rl import ablation
+
+        try:
+            return getattr(ablation, parse)(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse  # argparse names the type in its messages
+    return convert
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compare the 'candidate' version with its parent ('phase1') on the evaluation "
                                    "sets; move 'champion' only if every criterion passes. Exits 3 otherwise.")
     _common(p)
+
+    p = sub.add_parser("ablate", help="phase 2 side by side: lambda, loss aggregation, GRPO loss types, pass-rate bands",
+                       description=ABLATE_DESCRIPTION, epilog=ABLATE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--variants", type=_parsed("parse_variants"), metavar="NAME[,NAME...]",
+                   help="variants to run, in order (default: all 6 PPO, 4 GRPO and one per --bands band)")
+    p.add_argument("--bands", type=_parsed("parse_bands"), metavar="LOW-HIGH[,LOW-HIGH...]",
+                   help="pass-rate bands of the band variants when --variants is not given "
+                        "(default: 0.125-0.375,0.375-0.625,0.625-0.875)")
+    p.add_argument("--start", metavar="URI", help="models:/NAME/VERSION, models:/NAME@ALIAS or a local model dir to "
+                   "start every variant from (default: alias 'phase1', or 'base' when phase1.enabled is false)")
+    p.add_argument("--steps", type=_positive_int, metavar="N",
+                   help="RL steps of every variant (default: phase 2's ppo.steps)")
+    p.add_argument("--eval-problems", type=_positive_int, metavar="N",
+                   help="evaluate on the first N held-out problems (default: the whole held-out set)")
+    p.add_argument("-o", "--output", metavar="DIR", help="output folder (default: "
+                   "ablations/MODEL-vVERSION-KEY under the concise-rl home, one per start model and settings)")
     return parser
 
 
@@ -131,20 +209,18 @@ def print_summary(summary: dict) -> None:
     console.print(f"summary written to {paths.reports() / 'latest' / 'summary.json'}")
 
 
-def _alias_uri(cfg, alias: str) -> dict[str, str]:
+def _alias_uri(cfg, alias: str, hint: str = "run the stage that creates it first (concise-rl run, or "
+               "curate/train in order) or pass --model") -> dict[str, str]:
     from tasks import tracking
 
     client = tracking.setup(cfg)
     version = tracking.version_by_alias(client, cfg.registry.model_name, alias)
     if version is None:
-        raise LookupError(
-            f"no version of {cfg.registry.model_name} has the alias '{alias}'; run the stage that creates it "
-            "first (concise-rl run, or curate/train in order) or pass --model"
-        )
+        raise LookupError(f"no version of {cfg.registry.model_name} has the alias '{alias}'; {hint}")
     return {"version": str(version.version), "uri": tracking.model_uri(version.name, version.version)}
 
 
-def _explicit_model(cfg, uri: str) -> dict[str, str]:
+def _explicit_model(cfg, uri: str, option: str = "--model") -> dict[str, str]:
     from tasks import tracking
 
     if uri.startswith("models:/"):
@@ -153,14 +229,14 @@ def _explicit_model(cfg, uri: str) -> dict[str, str]:
         version = client.get_model_version_by_alias(name, ref) if "@" in uri else client.get_model_version(name, ref)
         return {"version": str(version.version), "uri": tracking.model_uri(name, version.version)}
     if not Path(uri).is_dir():
-        raise FileNotFoundError(f"--model {uri}: not a models:/ URI and not a model directory")
+        raise FileNotFoundError(f"{option} {uri}: not a models:/ URI and not a model directory")
     return {"version": "local", "uri": uri}
 
 
-def _latest_curation() -> Path:
+def _latest_curation(hint: str = "run `concise-rl curate` first or pass --problems") -> Path:
     pointer = paths.curation() / "latest"
     if not pointer.is_file():
-        raise LookupError("no curation has run yet; run `concise-rl curate` first or pass --problems")
+        raise LookupError(f"no curation has run yet; {hint}")
     return paths.curation() / pointer.read_text().strip()
 
 
@@ -236,8 +312,27 @@ def _cmd_promote(args, cfg) -> int:
     return _gate_exit(summary)
 
 
+def _cmd_ablate(args, cfg) -> int:
+    from concise_rl.ablation import DEFAULT_BANDS, default_variants
+
+    first = "run `concise-rl run` first (or `concise-rl curate` and `concise-rl train --phase 1`)"
+    curation = _latest_curation(f"the ablation trains on the curated problems; {first}")
+    start_alias = "phase1" if cfg.phase1.enabled else "base"
+    start = (_explicit_model(cfg, args.start, option="--start") if args.start
+             else _alias_uri(cfg, start_alias, hint=f"the ablation starts from it; {first}, or pass --start"))
+    from tasks.ablate import run_ablation
+
+    report = run_ablation(
+        cfg, start=start, curation_dir=curation, variants=args.variants or default_variants(args.bands or DEFAULT_BANDS),
+        out_dir=args.output, steps=args.steps, eval_problems=args.eval_problems,
+    )
+    print(report["markdown"])
+    print(f"ablation.md, ablation.json and ablation.png in {report['out_dir']} (MLflow run {report['mlflow_run_id']})")
+    return 0
+
+
 COMMANDS = {"run": _cmd_run, "curate": _cmd_curate, "train": _cmd_train, "evaluate": _cmd_evaluate,
-            "promote": _cmd_promote}
+            "promote": _cmd_promote, "ablate": _cmd_ablate}
 
 
 def _exit_on_sigterm(signum, frame) -> None:

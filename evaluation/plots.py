@@ -1,4 +1,4 @@
-"""PNG plots for people: training curves like the paper's figures, and curated pass rates."""
+"""PNG plots for people: training curves like the paper's figures, curated pass rates, the ablation."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 import matplotlib
+
+from evaluation.gate import length_reduction_pct
 
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,6 +56,48 @@ def plot_pass_rates(pass_rates: list[float], bands: dict[str, tuple[float, float
     ax.set_ylabel("problems")
     ax.set_title(f"Curated pass rates ({len(pass_rates)} candidates)")
     ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+_KIND_STYLES = {"ppo": ("tab:blue", "PPO (lambda, aggregation)"), "grpo": ("tab:orange", "TRL GRPO (loss type)"),
+                "band": ("tab:green", "PPO on a pass-rate band")}
+
+
+def plot_ablation(start: dict[str, dict], variants: dict[str, dict[str, dict]], out: Path) -> Path:
+    """Accuracy against length reduction, one point per variant and one panel per temperature.
+
+    ``start`` is the start model's {temperature: metrics}; ``variants`` maps each
+    variant name to the same for its trained model. Error bars are the 95% CIs.
+    """
+    temps = list(start)
+    fig, axes = plt.subplots(1, len(temps), figsize=(6.5 * len(temps), 5), squeeze=False)
+    for ax, t in zip(axes[0], temps):
+        base = start[t]
+        lo, hi = base["accuracy_ci"]
+        ax.errorbar([0.0], [100 * base["accuracy"]], yerr=[[100 * (base["accuracy"] - lo)], [100 * (hi - base["accuracy"])]],
+                    fmt="*", markersize=12, color="black", capsize=3, label="start model")
+        labelled = set()
+        for name, evals in variants.items():
+            m = evals[t]
+            x = length_reduction_pct(m["mean_length"], base["mean_length"])
+            lo, hi = m["accuracy_ci"]
+            kind = name.split("-")[0]
+            color, label = _KIND_STYLES.get(kind, ("tab:gray", kind))
+            ax.errorbar([x], [100 * m["accuracy"]], yerr=[[100 * (m["accuracy"] - lo)], [100 * (hi - m["accuracy"])]],
+                        fmt="o", color=color, capsize=3, alpha=0.8, label=None if kind in labelled else label)
+            labelled.add(kind)
+            ax.annotate(name, (x, 100 * m["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.axvline(0.0, color="gray", lw=0.8, ls=":")
+        ax.set_title(f"T = {t}")
+        ax.set_xlabel("length reduction vs the start model (%)")
+        ax.set_ylabel("accuracy % (95% CI)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle("Phase-2 ablation: held-out accuracy against length reduction")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
