@@ -210,6 +210,9 @@ class GateConfig(_Strict):
 
     max_accuracy_drop: float = Field(0.02, ge=0.0, le=1.0, description="delta, as a fraction (0.02 = 2 points)")
     min_length_reduction_pct: float = Field(20.0, ge=-100.0, le=100.0, description="r, in percent")
+    sets: list[str] | None = Field(
+        None, description="evaluated sets the gate judges (default: all); the others are reported only"
+    )
 
 
 class RegistryConfig(_Strict):

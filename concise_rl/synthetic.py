@@ -32,12 +32,14 @@ _SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
 _OPS_OF_SYMBOL = {v: k for k, v in _SYMBOLS.items()}
 HELDOUT_FRACTION = 0.2
 # How often reasoning_trace picks verbosity 0, 1, 2, 3 when none is given.
-VERBOSITY_WEIGHTS = (1, 2, 3, 3)
-# Chance that a step is re-checked, by verbosity; verbosity 3 may also re-derive the
-# whole chain. Kept so that most long chains still fit a 256-token answer.
-CHECK_PROBABILITY = (0.0, 0.6, 0.75, 0.75)
-# Longest chain that verbosity 3 may redo from the start.
-REDO_MAX_LEVEL = 5
+VERBOSITY_WEIGHTS = (1, 1, 3, 4)
+# Chance that a step is re-checked, by verbosity.
+CHECK_PROBABILITY = (0.0, 0.6, 0.8, 0.8)
+# Verbosity 2 and up also redo the whole chain from the start, which about doubles
+# the answer: 7 traces in 9 do, and a level-8 trace then needs up to ~330 tokens
+# (the demo's budget is 384). The base is a verbose reasoner because verbose traces
+# are the common case; the 1 in 9 without any re-checking is what RL can find.
+REDO_MIN_VERBOSITY = 2
 
 
 @dataclass(frozen=True)
@@ -159,8 +161,8 @@ def reasoning_trace(question: str, rng: random.Random, verbosity: int | None = N
     ("B *8: 2*8=16->6."), so the next operation is found by matching one unique
     letter token in the question and copying what follows it; the work left is the
     arithmetic. The letter after the last step says "stop". verbosity 0 states each
-    step once; higher values re-check steps more often and may redo the chain from
-    the start, so trace length varies a lot at equal accuracy.
+    step once; higher values re-check steps more often, and from 2 on also redo the
+    chain from the start, so trace length varies about 2x at equal accuracy.
     """
     steps = _parse_question(question)
     if verbosity is None:
@@ -174,8 +176,7 @@ def reasoning_trace(question: str, rng: random.Random, verbosity: int | None = N
         if rng.random() < CHECK_PROBABILITY[verbosity]:
             lines.append(f"Check: {step.text()}.")
     lines.append(stop)
-    # Redoing the chain only where the whole answer still fits in 256 tokens.
-    if verbosity == 3 and len(steps) <= REDO_MAX_LEVEL and rng.random() < 0.5:
+    if verbosity >= REDO_MIN_VERBOSITY:
         lines.append(f"Again from {steps[0].left}:")
         lines += [_line(LETTERS[i], step) for i, step in enumerate(steps)]
         lines.append(stop)

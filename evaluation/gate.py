@@ -34,6 +34,13 @@ def evaluate_gate(candidate: dict, parent: dict, cfg: GateConfig) -> dict:
     """The verdict with every criterion, its value, threshold and result."""
     criteria = []
     reductions = length_reductions(candidate, parent)
+    if cfg.sets is not None:
+        missing = sorted(set(cfg.sets) - set(reductions))
+        if missing:
+            raise ValueError(
+                f"gate.sets names {missing}, which were not evaluated for both models; evaluated: {sorted(reductions)}"
+            )
+        reductions = {bench: temps for bench, temps in reductions.items() if bench in cfg.sets}
     for bench, temps in reductions.items():
         for t, reduction in temps.items():
             drop = parent[bench][t]["accuracy"] - candidate[bench][t]["accuracy"]

@@ -257,3 +257,15 @@ def test_summarise_none_correct_has_no_correct_length():
     assert s["mean_length_correct"] is None
     assert s["mean_length_incorrect"] == pytest.approx(5.0)
     assert s["truncation_rate"] == 1.0
+
+
+def test_gate_judges_only_the_named_sets() -> None:
+    parent = {"heldout": {"0.0": {"accuracy": 0.8, "mean_length": 100.0}},
+              "hard": {"0.0": {"accuracy": 0.4, "mean_length": 200.0}}}
+    candidate = {"heldout": {"0.0": {"accuracy": 0.8, "mean_length": 50.0}},
+                 "hard": {"0.0": {"accuracy": 0.2, "mean_length": 190.0}}}
+    assert not evaluate_gate(candidate, parent, GateConfig())["passed"]
+    verdict = evaluate_gate(candidate, parent, GateConfig(sets=["heldout"]))
+    assert verdict["passed"] and all(c["name"].startswith("heldout@") for c in verdict["criteria"])
+    with pytest.raises(ValueError, match=r"gate.sets names \['aime'\]"):
+        evaluate_gate(candidate, parent, GateConfig(sets=["aime"]))
