@@ -238,8 +238,8 @@ class PPOTrainer:
         if gen.logprobs is None:
             if self.cfg.rollout_logprobs == "reuse":
                 raise ValueError(
-                    "ppo.rollout_logprobs='reuse' needs the KV generation engine, which this model does not "
-                    "support; set ppo.rollout_logprobs to 'auto' or 'recompute'"
+                    "ppo.rollout_logprobs='reuse' needs the KV generation engine (model.generation_engine "
+                    "'auto' or 'kv', on a Qwen2/Llama/Mistral model); set ppo.rollout_logprobs to 'auto' or 'recompute'"
                 )
             return False
         if self.cfg.rollout_logprobs == "auto":
