@@ -90,9 +90,10 @@ def step_config(prompts: int, samples: int, max_new: int, repeats: int) -> PPOCo
     )
 
 
-def bench_ppo(model: Path, problems: list[Problem], samples: int, max_new: int, repeats: int, work: Path) -> Result:
+def bench_ppo(model: Path, problems: list[Problem], samples: int, max_new: int, repeats: int, work: Path,
+              micro_batch_tokens: int | None = None) -> Result:
     prompts = len(problems)
-    cfg = step_config(prompts, samples, max_new, repeats)
+    cfg = step_config(prompts, samples, max_new, repeats).model_copy(update={"micro_batch_tokens": micro_batch_tokens})
     trainer = PPOTrainer(
         policy_path=str(model), problems=problems, out_dir=work / "ppo", ppo_cfg=cfg, model_cfg=ModelConfig(),
         prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(),
@@ -190,6 +191,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt (S)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="completion budget (N)")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--micro-batch-tokens", type=int, default=None,
+                        help="our PPO's ppo.micro_batch_tokens (length-grouped micro-batches; default: off, one "
+                        "micro-batch of P x S rows like GRPO's)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -203,7 +207,8 @@ def main() -> None:
         print(f"model: {model} ({origin}); P={args.prompts} S={args.samples} N={args.max_new_tokens} "
               f"T={TEMPERATURE}; {args.repeats} timed step(s) after 1 warm-up; torch threads={torch.get_num_threads()}")
         bench = (args.samples, args.max_new_tokens, args.repeats, work)
-        results = [bench_ppo(model, problems, *bench), bench_grpo(model, problems, *bench)]
+        results = [bench_ppo(model, problems, *bench, micro_batch_tokens=args.micro_batch_tokens),
+                   bench_grpo(model, problems, *bench)]
 
     print()
     print_table(results)

@@ -132,6 +132,11 @@ class PPOConfig(_Strict):
     ppo_epochs: int = Field(1, gt=0)
     mini_batch_size: int = Field(64, gt=0, description="rollouts per optimiser step")
     micro_batch_size: int = Field(16, gt=0, description="rollouts per forward/backward (gradient accumulation)")
+    micro_batch_tokens: int | None = Field(
+        None, gt=0,
+        description="also cap a micro-batch at this many padded tokens (rows x their longest prompt + response): "
+        "rows are grouped by length, so short responses are not padded to the longest of the mini-batch",
+    )
     temperature: float = Field(0.6, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, gt=0)

@@ -22,10 +22,11 @@ LOGGED = {
 
 
 def make_trainer(model_dir: Path, out: Path, on_step=None, **overrides) -> PPOTrainer:
-    cfg = PPOConfig(
-        steps=3, prompts_per_step=2, samples_per_prompt=2, mini_batch_size=2, micro_batch_size=1,
-        max_new_tokens=16, actor_lr=1e-3, critic_lr=1e-3, warmup_ratio=0.0, checkpoint_every=1, **overrides,
-    )
+    settings = {
+        "steps": 3, "prompts_per_step": 2, "samples_per_prompt": 2, "mini_batch_size": 2, "micro_batch_size": 1,
+        "max_new_tokens": 16, "actor_lr": 1e-3, "critic_lr": 1e-3, "warmup_ratio": 0.0, "checkpoint_every": 1,
+    }
+    cfg = PPOConfig(**(settings | overrides))
     return PPOTrainer(
         policy_path=str(model_dir), problems=PROBLEMS, out_dir=out, ppo_cfg=cfg, model_cfg=ModelConfig(),
         prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), on_step=on_step, keep_checkpoints=2,
@@ -108,3 +109,22 @@ def test_reuse_needs_the_kv_engine(tiny_model_dir: Path, tmp_path: Path) -> None
     trainer._build()
     with pytest.raises(ValueError, match="rollout_logprobs='reuse' needs the KV generation engine"):
         trainer._rollout(0)
+
+
+def test_micro_batches_group_by_length_within_the_token_budget(tiny_model_dir: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_model_dir, tmp_path, micro_batch_size=2, micro_batch_tokens=40)
+    lengths = torch.tensor([5, 30, 12, 1, 25, 7])
+    groups = trainer._micro_batches(torch.arange(6), lengths, prompt_width=10)
+    # Widths 40, 35, 22 fit one row in 40 tokens; 17 fits two; the 2-row cap applies too.
+    assert [g.tolist() for g in groups] == [[1], [4], [2], [5, 0], [3]]
+    assert sorted(torch.cat(groups).tolist()) == list(range(6))
+
+
+def test_token_budget_changes_padding_not_the_update(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """One PPO step with micro-batches split by a token budget ends at the same weights."""
+    finals = {}
+    for name, extra in {"whole": {}, "split": {"micro_batch_tokens": 30}}.items():
+        trainer = make_trainer(tiny_model_dir, tmp_path / name, steps=1, mini_batch_size=4, micro_batch_size=4, **extra)
+        finals[name] = load_file(str(trainer.train() / "model.safetensors"))
+    for key, value in finals["whole"].items():
+        torch.testing.assert_close(finals["split"][key], value, atol=1e-6, rtol=1e-5)

@@ -253,21 +253,24 @@ class PPOTrainer:
         stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": [], "approx_kl": []}
         self.policy.train()
         self.critic.train()
+        lengths = ro.response_mask.sum(1).long()
+        prompt_width = ro.input_ids.shape[1] - width
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n)
             for m in range(0, n, cfg.mini_batch_size):
                 mb = order[m : m + cfg.mini_batch_size]
                 num_tokens = ro.response_mask[mb].sum().item()
                 totals = dict.fromkeys(stats, 0.0)
-                for u in range(0, len(mb), cfg.micro_batch_size):
-                    ub = mb[u : u + cfg.micro_batch_size]
-                    ids = ro.input_ids[ub].to(acc.device)
-                    am = ro.attention_mask[ub].to(acc.device)
-                    mask = ro.response_mask[ub].to(acc.device)
-                    old_lp, adv = ro.logprobs[ub].to(acc.device), ro.advantages[ub].to(acc.device)
-                    old_v, ret = ro.values[ub].to(acc.device), ro.returns[ub].to(acc.device)
-                    lp, _ = policy_forward(self.policy, ids, am, width, cfg.temperature, ids[:, -width:])
-                    v = critic_forward(self.critic, ids, am, width)
+                for ub in self._micro_batches(mb, lengths, prompt_width):
+                    # Each micro-batch is cut to its own longest response: the rest is padding.
+                    w = max(int(lengths[ub].max()), 1)
+                    ids = ro.input_ids[ub, : prompt_width + w].to(acc.device)
+                    am = ro.attention_mask[ub, : prompt_width + w].to(acc.device)
+                    mask = ro.response_mask[ub, :w].to(acc.device)
+                    old_lp, adv = ro.logprobs[ub, :w].to(acc.device), ro.advantages[ub, :w].to(acc.device)
+                    old_v, ret = ro.values[ub, :w].to(acc.device), ro.returns[ub, :w].to(acc.device)
+                    lp, _ = policy_forward(self.policy, ids, am, w, cfg.temperature, ids[:, -w:])
+                    v = critic_forward(self.critic, ids, am, w)
                     agg = {"num_seqs": len(mb), "num_tokens": num_tokens, "max_len": cfg.max_new_tokens}
                     pg_mat, clipped = ppo.policy_loss_matrix(lp, old_lp, adv, cfg.clip_range)
                     pg_loss = ppo.aggregate(pg_mat, mask, cfg.loss_agg_mode, **agg)
@@ -294,6 +297,26 @@ class PPOTrainer:
         out["lr_actor"] = self.sched_actor.get_last_lr()[0]
         out["lr_critic"] = self.sched_critic.get_last_lr()[0]
         return out
+
+    def _micro_batches(self, rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int) -> list[torch.Tensor]:
+        """``rows`` of one mini-batch in micro-batches, longest responses first.
+
+        At most ``micro_batch_size`` rows each and, with ``micro_batch_tokens``, at most
+        that many padded tokens (rows x (prompt width + the group's longest response)).
+        The loss is normalised by the whole mini-batch, so the grouping changes nothing
+        but the padding computed.
+        """
+        rows = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+        budget = self.cfg.micro_batch_tokens
+        groups, start = [], 0
+        while start < len(rows):
+            width = prompt_width + max(int(lengths[rows[start]]), 1)  # the group's widest row comes first
+            size = self.cfg.micro_batch_size
+            if budget is not None:
+                size = max(1, min(size, budget // width))
+            groups.append(rows[start : start + size])
+            start += size
+        return groups
 
     def _check_finite(self, metrics: dict[str, float]) -> None:
         for key in ("policy_loss", "value_loss"):
