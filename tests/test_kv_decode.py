@@ -42,8 +42,9 @@ def _prompts(tok, n: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _model_like(kind: str, vocab: int, eos: int, pad: int):
     """A random 2-layer model with 4 query heads over 2 KV heads (grouped-query attention)."""
-    shape = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=96, max_position_embeddings=512, eos_token_id=eos, pad_token_id=pad)
+    shape = {"vocab_size": vocab, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 96, "max_position_embeddings": 512, "eos_token_id": eos,
+             "pad_token_id": pad}
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**shape)) if kind == "qwen2" else LlamaForCausalLM(LlamaConfig(**shape))
     return model.eval()
