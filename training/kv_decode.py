@@ -182,15 +182,15 @@ class KVDecoder:
         for t in range(max_new_tokens):
             scaled = logits.float() / temperature if temperature > 0 else logits.float()
             logp = scaled.log_softmax(-1)
+            p = logp.exp()  # one softmax serves sampling (without top-p) and the entropy
             if temperature > 0:
-                probs = (_nucleus(scaled, top_p) if top_p < 1.0 else scaled).softmax(-1)
-                token = _sample(probs, generator)
+                token = _sample(_nucleus(scaled, top_p).softmax(-1) if top_p < 1.0 else p, generator)
             else:
                 token = scaled.argmax(-1)
             out = rows[alive]
             tokens[out, t] = token[alive]
             logprobs[out, t] = logp.gather(1, token[:, None]).squeeze(1)[alive]
-            entropy[out, t] = -(logp.exp() * logp).sum(-1)[alive]
+            entropy[out, t] = -(p * logp).sum(-1)[alive]
             alive = alive & ~torch.isin(token, eos)
             live = int(alive.sum())
             if live == 0 or t == max_new_tokens - 1:
