@@ -30,6 +30,7 @@ accuracy (Fatemi et al., "Concise Reasoning via Reinforcement Learning").
   evaluate   evaluate registered models on the held-out sets
   promote    gate the phase-2 candidate against its parent and move 'champion'
   ablate     phase 2 side by side: lambda, loss aggregation, GRPO, pass-rate bands
+  grade      grade a JSONL file of responses with the project's grader
 
 State lives under ./.concise-rl (or $CONCISE_RL_HOME): mlflow.db, mlartifacts/,
 checkpoints/phase1|phase2, curation/, evaluations/, reports/latest/summary.json.
@@ -42,6 +43,7 @@ examples:
   concise-rl train --phase 2 --config configs/demo.yaml --model models:/concise-rl-demo@phase1
   concise-rl evaluate --config configs/demo.yaml
   concise-rl ablate --config configs/demo.yaml --variants ppo-lam1.0-seq-mean-token-mean,grpo-dapo
+  concise-rl grade responses.jsonl -o graded.jsonl --response-field response --answer-field answer
 
 exit codes: 0 ok, 1 error, 2 bad input (the message names it), 3 gate failed
 """
@@ -86,6 +88,28 @@ examples:
   concise-rl ablate --config configs/demo.yaml
   concise-rl ablate --config configs/demo.yaml --steps 2 --eval-problems 50 --variants ppo-lam0.95-token-mean,grpo-dr_grpo
   concise-rl ablate --config configs/demo.yaml --variants band-0.125-0.375,band-0.625-0.875
+"""
+
+
+GRADE_DESCRIPTION = """\
+Grade every response in a JSONL file with the grader that training and evaluation
+use: the last \\boxed{...} of the response against the reference answer, decided by
+math-verify (LaTeX only; model text is never run as Python) in worker processes with
+a per-answer time limit. Each row gains three fields:
+
+  correct    true/false
+  extracted  the boxed answer, or null when there is none
+  reason     why: exact match, equal integers, equivalent, not equivalent,
+             no \\boxed{} answer, grading took longer than the limit, ...
+
+A response field holding a list of strings (several samples per row) gets a list
+in each of the three fields.
+"""
+
+GRADE_EPILOG = """\
+examples:
+  concise-rl grade responses.jsonl -o graded.jsonl
+  concise-rl grade math_cot_50_dev.jsonl -o graded.jsonl --response-field code --answer-field gt --label-field score
 """
 
 
@@ -171,6 +195,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on the first N held-out problems (default: the whole held-out set)")
     p.add_argument("-o", "--output", metavar="DIR", help="output folder (default: "
                    "ablations/MODEL-vVERSION-KEY under the concise-rl home, one per start model and settings)")
+
+    p = sub.add_parser("grade", help="grade a JSONL file of responses (adds correct, extracted, reason)",
+                       description=GRADE_DESCRIPTION, epilog=GRADE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="IN.jsonl", help="one JSON object per line, with a response and a reference answer")
+    p.add_argument("-o", "--output", metavar="OUT.jsonl", required=True,
+                   help="where the graded rows go (written whole or not at all)")
+    p.add_argument("--response-field", default="response", metavar="NAME",
+                   help="field with the model's response: a string, or a list of strings (default: response)")
+    p.add_argument("--answer-field", default="answer", metavar="NAME",
+                   help="field with the reference answer (default: answer)")
+    p.add_argument("--label-field", metavar="NAME",
+                   help="field with existing correctness labels (bool or list of bools): print the agreement "
+                        "and every disagreement")
+    p.add_argument("--workers", type=int, metavar="N", help="grading processes (default: the config's grader.workers)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="per-answer time limit (default: the config's grader.timeout_s, 5 s)")
+    p.add_argument("--config", metavar="FILE", help="pipeline config YAML, for its grader section")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override one config field, repeatable (e.g. --set grader.timeout_s=10)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return parser
 
 
@@ -331,8 +376,29 @@ def _cmd_ablate(args, cfg) -> int:
     return 0
 
 
+def _cmd_grade(args, cfg) -> int:
+    from evaluation.grade_file import grade_file
+    from evaluation.grader import Grader
+
+    workers = cfg.grader.workers if args.workers is None else args.workers
+    timeout = cfg.grader.timeout_s if args.timeout is None else args.timeout
+    with Grader(workers, timeout) as grader:
+        report = grade_file(args.input, args.output, response_field=args.response_field,
+                            answer_field=args.answer_field, label_field=args.label_field, grader=grader)
+    print(f"graded {report.responses} responses in {report.rows} rows: {report.correct} correct "
+          f"({100 * report.accuracy:.1f}%); written to {args.output}")
+    if report.agreement is not None:
+        print(f"agreement with {args.label_field!r}: {report.agreed}/{report.labelled} "
+              f"({100 * report.agreement:.2f}%)")
+        for d in report.disagreements:
+            index = "" if d["response_index"] is None else f" response {d['response_index']}"
+            print(f"  {d['location']}{index}: answer {d['answer']!r}, extracted {d['extracted']!r}: "
+                  f"ours {d['ours']}, label {d['label']} ({d['reason']})")
+    return 0
+
+
 COMMANDS = {"run": _cmd_run, "curate": _cmd_curate, "train": _cmd_train, "evaluate": _cmd_evaluate,
-            "promote": _cmd_promote, "ablate": _cmd_ablate}
+            "promote": _cmd_promote, "ablate": _cmd_ablate, "grade": _cmd_grade}
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -355,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     bad_input = (ConfigError, ProblemLoadError, ModelLoadError, CurationError, LookupError, FileNotFoundError)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command != "grade":
+            from evaluation import grader
+
+            grader.configure(cfg.grader.workers, cfg.grader.timeout_s)
         return COMMANDS[args.command](args, cfg)
     except bad_input as exc:
         print(f"concise-rl {args.command}: {exc}", file=sys.stderr)

@@ -220,6 +220,15 @@ class GateConfig(_Strict):
     )
 
 
+class GraderConfig(_Strict):
+    """The answer grader behind rewards, curation and evaluation (math-verify in worker processes)."""
+
+    workers: int | None = Field(
+        None, ge=0, description="grading processes (default: min(4, CPUs)); 0 grades in-process with no hard timeout"
+    )
+    timeout_s: float = Field(5.0, gt=0, description="per-answer time limit; an answer that takes longer is wrong")
+
+
 class RegistryConfig(_Strict):
     model_name: str = Field("concise-rl-demo", min_length=1)
     experiment: str = Field("concise-rl", min_length=1)
@@ -233,6 +242,7 @@ class PipelineConfig(_Strict):
     model: ModelConfig = ModelConfig()
     prompt: PromptConfig = PromptConfig()
     reward: RewardConfig = RewardConfig()
+    grader: GraderConfig = GraderConfig()
     curation: CurationConfig = CurationConfig()
     ppo: PPOConfig = PPOConfig()
     phase1: Phase1Config = Phase1Config()

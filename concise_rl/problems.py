@@ -68,7 +68,7 @@ def load_problems(
     """
     path = Path(path)
     return _problems_from_rows(
-        _read_rows(path),
+        read_rows(path),
         origin=str(path),
         default_source=path.stem,
         source=source,
@@ -253,7 +253,7 @@ def _describe_hf_dataset(
     return f"dataset {name!r} ({', '.join(parts)})"
 
 
-def _read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Check the file up front, then return its rows with their locations."""
     if path.suffix not in (".jsonl", ".json"):
         raise ProblemLoadError(

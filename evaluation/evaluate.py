@@ -6,7 +6,7 @@ import numpy as np
 
 from concise_rl.config import EvalConfig, PromptConfig
 from concise_rl.problems import Problem
-from evaluation.grader import grade
+from evaluation.grader import grade_many
 from evaluation.metrics import summarise
 from training.generation import generate
 from training.models import format_prompt
@@ -51,7 +51,7 @@ def evaluate_model(
                 engine=engine,
             )
             answers = [p.answer for p in problems for _ in range(k)]
-            grades = [grade(text, ans) for text, ans in zip(gen.texts, answers)]
+            grades = grade_many(gen.texts, answers)
             lengths = gen.lengths.numpy()
             correct = np.array([g.correct for g in grades])
             summary[name][temp_key(t)] = summarise(

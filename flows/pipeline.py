@@ -12,6 +12,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from concise_rl.config import load_config
+from evaluation import grader
 from tasks import stages
 
 # Stages keep their own idempotency (registry tags, folders keyed by inputs), so
@@ -28,6 +29,7 @@ promote = task(stages.promote, name="promote", retries=2, retry_delay_seconds=5,
 def pipeline(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
     """Run every stage in order and return the summary (the gate's verdict included)."""
     cfg = load_config(config_path, overrides or [])
+    grader.configure(cfg.grader.workers, cfg.grader.timeout_s)
     base = prepare_base(cfg)
     curated = curate(cfg, base["uri"])
     models = {"base": base}

@@ -7,7 +7,7 @@ Nothing in it depends on length: conciseness must come from the optimisation
 from __future__ import annotations
 
 from concise_rl.config import RewardConfig
-from evaluation.grader import Grade, grade
+from evaluation.grader import Grade, grade_many
 
 
 def reward_of(g: Grade, cfg: RewardConfig) -> float:
@@ -19,8 +19,6 @@ def reward_of(g: Grade, cfg: RewardConfig) -> float:
 def score_responses(
     responses: list[str], answers: list[str], cfg: RewardConfig
 ) -> tuple[list[Grade], list[float]]:
-    """Grade each response against its reference answer and turn the grade into a reward."""
-    if len(responses) != len(answers):
-        raise ValueError(f"{len(responses)} responses but {len(answers)} reference answers")
-    grades = [grade(r, a) for r, a in zip(responses, answers)]
+    """Grade each response against its reference answer (the shared grader) and turn the grade into a reward."""
+    grades = grade_many(responses, answers)
     return grades, [reward_of(g, cfg) for g in grades]

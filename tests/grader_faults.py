@@ -1,0 +1,26 @@
+"""Worker functions that fail on purpose, for the grader pool's fault tests.
+
+A module of its own so that spawned grader workers can import it by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from evaluation.grader import verify_extracted
+
+
+def crash_once(extracted: str, reference: str, timeout_s):
+    """Kill the worker the first time an answer is seen (a marker file per answer), then grade it."""
+    key = hashlib.sha256(f"{extracted}\0{reference}".encode()).hexdigest()[:16]
+    marker = Path(os.environ["GRADER_FAULT_DIR"]) / f"seen-{key}"
+    if not marker.exists():
+        marker.touch()
+        os._exit(9)
+    return verify_extracted(extracted, reference, timeout_s)
+
+
+def crash_always(extracted: str, reference: str, timeout_s):
+    os._exit(9)

@@ -1,0 +1,218 @@
+"""The shared grader (evaluation/grader.py): agreement, pathological answers, faults, `concise-rl grade`."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from concise_rl.cli import EXIT_BAD_INPUT, main
+from concise_rl.config import RewardConfig
+from evaluation.grade_file import GradeInputError, grade_file
+from evaluation.grader import MAX_ANSWER_CHARS, Grader, grade
+from training.reward import score_responses
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+GRADER_DEV = SHARED / "grader" / "math_cot_50_dev.jsonl"
+needs_dev = pytest.mark.skipif(not GRADER_DEV.is_file(), reason=f"shared grader data not found at {GRADER_DEV}")
+
+TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def grader():
+    with Grader(workers=2, timeout_s=TIMEOUT_S) as g:
+        yield g
+
+
+@needs_dev
+def test_agreement_with_the_reference_grader_on_400_real_responses(grader, tmp_path):
+    report = grade_file(
+        GRADER_DEV,
+        tmp_path / "graded.jsonl",
+        response_field="code",
+        answer_field="gt",
+        label_field="score",
+        grader=grader,
+        progress=False,
+    )
+    assert report.labelled == 400
+    # The issue asks for >= 98%; we measured 400/400 (BENCHMARKS.md lists the review).
+    assert report.agreement >= 0.98
+    assert report.disagreements == []
+
+
+@needs_dev
+def test_against_the_raw_answer_field_the_only_disagreements_are_the_4_30_pm_row(grader, tmp_path):
+    # Row idx 3 ("at what time will they arrive?") has gt "4:30p.." (mangled by the
+    # reference harness' normalisation) and answer "\text{4:30 p.m.}". All 8 responses
+    # box "4:30 \text{ p.m.}", which is right; the reference grader says wrong.
+    report = grade_file(
+        GRADER_DEV,
+        tmp_path / "graded.jsonl",
+        response_field="code",
+        answer_field="answer",
+        label_field="score",
+        grader=grader,
+        progress=False,
+    )
+    assert {(d["location"], d["ours"], d["label"]) for d in report.disagreements} == {("line 4", True, False)}
+    assert len(report.disagreements) == 8
+
+
+@pytest.mark.parametrize(
+    ("response", "reason"),
+    [
+        ("\\boxed{10^{10^{10^{10}}}}", "grading took longer than"),
+        ("\\boxed{2^{99999999999}}", "grading took longer than"),
+        ("\\boxed{" + "{" * 200 + "1" + "}" * 200 + "}", "nests braces deeper than"),
+        ("\\boxed{" + "7" * 100_000 + "}", f"longer than {MAX_ANSWER_CHARS} characters"),
+        ("The answer is \\boxed{\\frac{1}{2", "never closed"),
+        ("I give up.", "no \\boxed{} answer"),
+    ],
+)
+def test_pathological_answers_finish_within_the_timeout_and_are_wrong(grader, response, reason):
+    start = time.monotonic()
+    g = grader.grade(response, "5")
+    assert time.monotonic() - start < TIMEOUT_S + 1.5
+    assert not g.correct and reason in g.reason
+
+
+def test_equivalent_forms_go_through_math_verify(grader):
+    cases = [
+        ("\\boxed{\\frac{1}{2}}", "0.5", True),
+        ("\\boxed{\\dfrac12}", "\\frac{1}{2}", True),
+        ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
+        ("\\boxed{3}", "4", False),
+        ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt2}{2}", True),
+        ("\\boxed{4:30 \\text{ p.m.}}", "\\text{4:30 p.m.}", True),
+    ]
+    grades = grader.grade_many([c[0] for c in cases], [c[1] for c in cases])
+    assert [g.correct for g in grades] == [c[2] for c in cases], grades
+
+
+def test_timeouts_hold_when_grading_from_a_worker_thread(grader):
+    # math-verify's own (SIGALRM) timeouts do nothing off the main thread; the pool's do.
+    out = {}
+
+    def work():
+        start = time.monotonic()
+        out["grade"] = grader.grade("\\boxed{10^{10^{10^{10}}}}", "5")
+        out["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert "took longer" in out["grade"].reason and out["seconds"] < TIMEOUT_S + 1.5
+
+
+def test_model_output_is_never_executed(grader, tmp_path):
+    target = tmp_path / "pwned"
+    payloads = [
+        f"\\boxed{{__import__('os').system('touch {target}')}}",
+        f"\\boxed{{(lambda: __import__('os').system('touch {target}'))()}}",
+        f"\\boxed{{eval(\"open('{target}', 'w')\")}}",
+    ]
+    grades = grader.grade_many(payloads, ["5"] * len(payloads))
+    _, rewards = score_responses(payloads, ["5"] * len(payloads), RewardConfig())
+    assert [g.correct for g in grades] == [False] * 3 and rewards == [-0.5] * 3
+    assert not target.exists()
+
+
+def test_a_worker_that_dies_has_its_answer_regraded(tmp_path, monkeypatch):
+    import grader_faults
+
+    monkeypatch.setenv("GRADER_FAULT_DIR", str(tmp_path))
+
+    class Flaky(Grader):
+        check = staticmethod(grader_faults.crash_once)
+
+    with Flaky(workers=2, timeout_s=10) as g:
+        grades = g.grade_many(["\\boxed{\\frac{2}{4}}", "\\boxed{0.25}"], ["\\frac12", "\\frac{1}{3}"])
+    assert [(x.correct, x.reason) for x in grades] == [(True, "equivalent"), (False, "not equivalent")]
+    assert len(list(tmp_path.glob("seen-*"))) == 2  # each answer killed one worker first
+
+
+def test_an_answer_that_always_kills_its_worker_is_wrong_with_the_reason():
+    import grader_faults
+
+    class Broken(Grader):
+        check = staticmethod(grader_faults.crash_always)
+
+    with Broken(workers=1, timeout_s=10) as g:
+        grades = g.grade_many(["\\boxed{\\frac{2}{4}}", "\\boxed{7}"], ["\\frac12", "7"])
+    assert not grades[0].correct and "worker died" in grades[0].reason
+    assert grades[1].correct  # decided without the pool
+
+
+def test_in_process_grading_needs_no_pool():
+    with Grader(workers=0) as g:
+        assert g.grade("\\boxed{\\frac{2}{4}}", "0.5").correct
+        assert g._pool is None
+
+
+def test_default_grade_function_matches_the_pool():
+    assert grade("so \\boxed{\\frac{6}{8}}", "\\frac34").correct
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_grade_cli_adds_the_three_fields(tmp_path, capsys):
+    src = _write(
+        tmp_path / "in.jsonl",
+        [
+            {"id": 1, "response": "so \\boxed{\\frac12}", "answer": "0.5"},
+            {"id": 2, "response": "no idea", "answer": "3"},
+            {"id": 3, "response": ["\\boxed{3}", "\\boxed{4}"], "answer": "3"},
+        ],
+    )
+    out = tmp_path / "out" / "graded.jsonl"
+    assert main(["grade", str(src), "-o", str(out), "--workers", "1"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["correct"], r["extracted"]) for r in rows[:2]] == [(True, "\\frac12"), (False, None)]
+    assert rows[1]["reason"] == "no \\boxed{} answer" and rows[0]["id"] == 1
+    assert rows[2]["correct"] == [True, False] and rows[2]["extracted"] == ["3", "4"]
+    assert "graded 4 responses in 3 rows: 2 correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("rows", "args", "message"),
+    [
+        (['{"response": "\\\\boxed{1}", "answer": "1"}', '{"response": '], [], "line 2: malformed JSON"),
+        ([{"text": "\\boxed{1}", "answer": "1"}], [], "line 1: no field 'response'"),
+        ([{"response": "\\boxed{1}"}], [], "no field 'answer'"),
+        ([{"response": "\\boxed{1}", "answer": ""}], [], "must be a non-empty string"),
+        ([{"response": 5, "answer": "1"}], [], "must be a string or a list of strings"),
+        ([{"response": "\\boxed{1}", "answer": "1", "ok": "yes"}], ["--label-field", "ok"], "must hold 1 bool"),
+        ([], [], "no rows to grade"),
+    ],
+)
+def test_grade_cli_bad_input_names_the_input_and_writes_nothing(tmp_path, capsys, rows, args, message):
+    src = _write(tmp_path / "in.jsonl", rows) if rows else tmp_path / "in.jsonl"
+    if not rows:
+        src.write_text("")
+    out = tmp_path / "graded.jsonl"
+    assert main(["grade", str(src), "-o", str(out), "--workers", "1", *args]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert message in err and str(src) in err
+    assert not out.exists() and not list(tmp_path.glob(".graded.jsonl.*"))
+
+
+def test_grade_refuses_to_overwrite_its_input(tmp_path):
+    src = _write(tmp_path / "in.jsonl", [{"response": "\\boxed{1}", "answer": "1"}])
+    with pytest.raises(GradeInputError, match="overwrite the input"):
+        grade_file(src, src, progress=False)
+
+
+def test_non_utf8_input_reports_the_line(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"response": "\\\\boxed{1}", "answer": "1"}\n{"response": "\xff", "answer": "1"}\n')
+    assert main(["grade", str(src), "-o", str(tmp_path / "o.jsonl"), "--workers", "1"]) == EXIT_BAD_INPUT
+    assert "line 2: not valid UTF-8" in capsys.readouterr().err
