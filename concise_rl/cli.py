@@ -27,7 +27,8 @@ accuracy (Fatemi et al., "Concise Reasoning via Reinforcement Learning").
              phase 2 -> register -> evaluate -> gate/promote
   curate     measure pass rates and pick the phase-1 and phase-2 problem sets
   train      one PPO phase (--phase 1 or 2), then register the result
-  evaluate   evaluate registered models on the held-out sets
+  evaluate   evaluate models on the held-out sets or named benchmarks, with a report
+  compare    the gate's verdict for one model against another
   promote    gate the phase-2 candidate against its parent and move 'champion'
   ablate     phase 2 side by side: lambda, loss aggregation, GRPO, pass-rate bands
   grade      grade a JSONL file of responses with the project's grader
@@ -113,6 +114,56 @@ examples:
 """
 
 
+EVALUATE_DESCRIPTION = """\
+Accuracy (pass@1 over --samples responses per problem, with a 95% bootstrap CI over
+problems), mean and median response length in tokens for all, correct and incorrect
+responses, and the truncation rate, per set and temperature, plus the macro average.
+
+Sets: the config's evaluation.heldout and evaluation.benchmarks, or with --benchmarks
+the named ones (math500, aime24, amc23, mmlu_stem, gsm8k, minerva_math,
+olympiadbench) from --data-dir, $CONCISE_RL_BENCHMARK_DIR, or the Hugging Face hub.
+
+Writes, under the concise-rl home: evaluations/<model>-<key>/responses.jsonl (every
+response with its grade) and summary.json, cached per model and settings, and
+evaluations/reports/<key>/report.md with accuracy_vs_length.png and
+length_histograms.png; all of it is logged to MLflow (stage 'evaluate').
+"""
+
+EVALUATE_EPILOG = """\
+examples:
+  concise-rl evaluate --config configs/demo.yaml
+  concise-rl evaluate --model models:/concise-rl-demo@champion --benchmarks math500,aime24,amc23,mmlu_stem \\
+      --temperatures 0,0.6 --samples 4 --data-dir ../shared/data/benchmarks --limit 50
+  concise-rl evaluate --model old=models:/concise-rl-demo/2 --model new=models:/concise-rl-demo/3
+"""
+
+COMPARE_DESCRIPTION = """\
+Evaluate two models on the same problems (cached like `evaluate`) and print the
+promotion gate's verdict for B against A: for every set and temperature, accuracy
+is non-inferior when the lower bound of the paired bootstrap CI of (B - A) per-problem
+pass@1 is at least -gate.max_accuracy_drop, and B's mean length is at least
+gate.min_length_reduction_pct shorter. Exits 0 when every criterion passes, 3 when
+one fails. Takes the same set options as `evaluate`.
+
+example:
+  concise-rl compare models:/concise-rl-demo@phase1 models:/concise-rl-demo@candidate --config configs/demo.yaml
+"""
+
+
+def _evaluation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--benchmarks", metavar="NAME[,NAME...]",
+                   help="evaluate on these named benchmarks instead of the config's sets")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder with NAME.jsonl for --benchmarks (default: $CONCISE_RL_BENCHMARK_DIR, else the hub)")
+    p.add_argument("--few-shot", type=int, default=5, metavar="N",
+                   help="solved examples in multiple-choice prompts (mmlu_stem) with --benchmarks (default: 5, "
+                        "as the paper ran MMLU-STEM)")
+    p.add_argument("--temperatures", metavar="T[,T...]", help="sampling temperatures (default: the config's)")
+    p.add_argument("--samples", type=_positive_int, metavar="N",
+                   help="responses per problem at temperature > 0 (default: the config's)")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N problems of each set")
+
+
 def _parsed(parse):
     """An argparse type from one of concise_rl.ablation's parsers (ValueError -> a usage error)."""
 
@@ -166,12 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="URI", help="start model (default: alias 'base' for phase 1, 'phase1' for 2)")
     p.add_argument("--problems", metavar="FILE", help="training problems JSONL (default: the latest curation's set)")
 
-    p = sub.add_parser("evaluate", help="evaluate the registered base/phase1/candidate models",
-                       description="Accuracy (with 95%% bootstrap CIs) and mean response length on the held-out "
-                                   "sets at every configured temperature. Results are cached per model version.")
+    p = sub.add_parser("evaluate", help="evaluate models on the held-out sets or on named benchmarks",
+                       description=EVALUATE_DESCRIPTION, epilog=EVALUATE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
-    p.add_argument("--model", action="append", default=[], metavar="LABEL=URI",
-                   help="a model to evaluate, repeatable (default: base, phase1 and phase2 by alias)")
+    p.add_argument("--model", action="append", default=[], metavar="[LABEL=]URI",
+                   help="a model to evaluate, repeatable: models:/NAME/VERSION, models:/NAME@ALIAS or a local "
+                        "model dir, optionally labelled (default: base, phase1 and phase2 by alias)")
+    _evaluation_options(p)
+
+    p = sub.add_parser("compare", help="the gate's verdict for a candidate model against a baseline",
+                       description=COMPARE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("baseline", metavar="A", help="the model the candidate must not be worse than (URI or dir)")
+    p.add_argument("candidate", metavar="B", help="the model under test (URI or dir)")
+    _evaluation_options(p)
 
     p = sub.add_parser("promote", help="gate the phase-2 candidate and move 'champion' if it passes",
                        description="Compare the 'candidate' version with its parent ('phase1') on the evaluation "
@@ -325,24 +385,87 @@ def _cmd_train(args, cfg) -> int:
     return 0
 
 
+def _with_evaluation_options(cfg, args):
+    """The config with the evaluation overridden by --benchmarks/--temperatures/--samples/--limit."""
+    from pydantic import ValidationError
+
+    from concise_rl.config import DataSource, PipelineConfig
+    from concise_rl.errors import ConfigError
+    from evaluation.benchmarks import BENCHMARKS, parse_benchmarks
+
+    ev = cfg.evaluation.model_dump()
+    if args.benchmarks:
+        ev["heldout"] = None
+        ev["benchmarks"] = {
+            name: DataSource(kind="benchmark", name=name, path=args.data_dir, limit=args.limit,
+                             few_shot=args.few_shot if BENCHMARKS[name].kind == "choice" else 0).model_dump()
+            for name in parse_benchmarks(args.benchmarks)
+        }
+    elif args.limit:
+        if ev["heldout"] is not None:
+            ev["heldout"]["limit" if ev["heldout"]["kind"] != "synthetic" else "num_problems"] = args.limit
+        for src in ev["benchmarks"].values():
+            src["limit" if src["kind"] != "synthetic" else "num_problems"] = args.limit
+    if args.temperatures:
+        try:
+            ev["temperatures"] = [float(t) for t in args.temperatures.split(",") if t.strip()]
+        except ValueError:
+            raise ConfigError(f"--temperatures {args.temperatures!r}: expected numbers such as 0,0.6") from None
+    if args.samples:
+        ev["samples"] = args.samples
+    try:
+        return PipelineConfig.model_validate({**cfg.model_dump(), "evaluation": ev})
+    except ValidationError as exc:
+        raise ConfigError(f"evaluation options: {exc.errors()[0]['msg']}") from None
+
+
+def _labelled_models(cfg, items: list[str]) -> dict[str, dict[str, str]]:
+    from concise_rl.errors import ConfigError
+
+    models = {}
+    for item in items:
+        label, sep, uri = item.partition("=")
+        if not sep or label.startswith("models:"):
+            label, uri = None, item
+        info = _explicit_model(cfg, uri)
+        label = label or (f"v{info['version']}" if info["version"] != "local" else Path(uri).name)
+        if label in models:
+            raise ConfigError(f"--model {item!r}: label {label!r} is used twice; write LABEL=URI to tell them apart")
+        models[label] = info
+    return models
+
+
 def _cmd_evaluate(args, cfg) -> int:
     from tasks import stages
 
+    cfg = _with_evaluation_options(cfg, args)
     if args.model:
-        models = {}
-        for item in args.model:
-            label, sep, uri = item.partition("=")
-            if not sep:
-                raise ValueError(f"--model {item!r}: expected LABEL=URI, e.g. phase2=models:/{cfg.registry.model_name}@candidate")
-            models[label] = _explicit_model(cfg, uri)
+        models = _labelled_models(cfg, args.model)
     else:
         models = {"base": _alias_uri(cfg, "base"), "phase1": _alias_uri(cfg, "phase1"),
                   "phase2": _alias_uri(cfg, "candidate")}
     results = stages.evaluate(cfg, models)
     _print_models_table(f"evaluation: {cfg.registry.model_name}",
                         {"models": results, "length_reduction_pct": {}})
-    print(f"responses and summaries under {paths.evaluations()}")
+    report = next(iter(results.values()))["report"]
+    print(f"responses and summaries under {paths.evaluations()}; report: {report}/report.md")
     return 0
+
+
+def _cmd_compare(args, cfg) -> int:
+    from evaluation.gate import evaluate_gate
+    from evaluation.report import gate_table
+    from tasks import stages
+
+    cfg = _with_evaluation_options(cfg, args)
+    models = {"A": _explicit_model(cfg, args.baseline, option="A"),
+              "B": _explicit_model(cfg, args.candidate, option="B")}
+    results = stages.evaluate(cfg, models)
+    verdict = evaluate_gate(results["B"]["eval"], results["A"]["eval"], cfg.gate)
+    _print_models_table("compare: A (baseline) and B (candidate)", {"models": results, "length_reduction_pct": {}})
+    print(f"gate for B ({args.candidate}) against A ({args.baseline}): {'PASSED' if verdict['passed'] else 'FAILED'}")
+    print("\n".join(gate_table(verdict)))
+    return 0 if verdict["passed"] else EXIT_GATE_FAILED
 
 
 def _cmd_promote(args, cfg) -> int:
@@ -398,7 +521,7 @@ def _cmd_grade(args, cfg) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "curate": _cmd_curate, "train": _cmd_train, "evaluate": _cmd_evaluate,
-            "promote": _cmd_promote, "ablate": _cmd_ablate, "grade": _cmd_grade}
+            "compare": _cmd_compare, "promote": _cmd_promote, "ablate": _cmd_ablate, "grade": _cmd_grade}
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -58,6 +58,11 @@ class PromptConfig(_Strict):
     """How a problem becomes the text the model sees."""
 
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    style: Literal["r1", "qwen-math"] = Field(
+        "r1",
+        description="r1: the instruction follows the question in the user turn (DeepSeek-R1-Distill); "
+        "qwen-math: the instruction is the system turn and the question the user turn (Qwen2.5-Math)",
+    )
     use_chat_template: bool = True
     max_prompt_tokens: int = Field(256, gt=0)
 
@@ -73,11 +78,17 @@ class RewardConfig(_Strict):
 class DataSource(_Strict):
     """Where problems come from: a local file, a hub dataset, or the built-in task."""
 
-    kind: Literal["synthetic", "file", "hf"] = "synthetic"
+    kind: Literal["synthetic", "file", "hf", "benchmark"] = Field(
+        "synthetic",
+        description="synthetic: the built-in task; file: a .jsonl/.json at 'path'; hf: hub dataset 'name'; "
+        "benchmark: a named benchmark (math500, aime24, amc23, mmlu_stem, gsm8k, minerva_math, olympiadbench) "
+        "from the directory 'path' (or $CONCISE_RL_BENCHMARK_DIR), else from the hub",
+    )
     path: str | None = None
     name: str | None = None
     split: str = "test"
     limit: int | None = Field(None, gt=0)
+    few_shot: int = Field(0, ge=0, description="benchmark mmlu_stem: solved questions of the same subject in the prompt")
     # Synthetic task: how many problems, which seed, which difficulty levels.
     num_problems: int = Field(200, gt=0)
     seed: int = 0
@@ -90,6 +101,15 @@ class DataSource(_Strict):
             raise ValueError("kind 'file' needs 'path' (a .jsonl or .json file)")
         if self.kind == "hf" and not self.name:
             raise ValueError("kind 'hf' needs 'name' (a Hugging Face dataset id)")
+        if self.kind == "benchmark":
+            from evaluation.benchmarks import BENCHMARKS
+
+            if self.name not in BENCHMARKS:
+                raise ValueError(
+                    f"kind 'benchmark' needs 'name', one of {', '.join(BENCHMARKS)}; got {self.name!r}"
+                )
+            if self.few_shot and BENCHMARKS[self.name].kind != "choice":
+                raise ValueError(f"few_shot applies to multiple-choice benchmarks (mmlu_stem), not {self.name!r}")
         if self.min_level > self.max_level:
             raise ValueError(f"min_level {self.min_level} is above max_level {self.max_level}")
         return self
@@ -190,7 +210,9 @@ class Phase1Config(PhaseConfig):
 
 
 class EvalConfig(_Strict):
-    heldout: DataSource = DataSource(num_problems=500, seed=1)
+    heldout: DataSource | None = Field(
+        DataSource(num_problems=500, seed=1), description="the main evaluation set (null: only 'benchmarks')"
+    )
     benchmarks: dict[str, DataSource] = Field(
         default_factory=dict, description="extra named sets evaluated next to the held-out set"
     )
@@ -207,17 +229,26 @@ class EvalConfig(_Strict):
             raise ValueError("temperatures must list at least one temperature")
         if any(t < 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be >= 0, got {self.temperatures}")
+        if self.heldout is None and not self.benchmarks:
+            raise ValueError("nothing to evaluate: heldout is null and benchmarks is empty")
         return self
 
 
 class GateConfig(_Strict):
-    """Promotion gate: phase 2 against the model it started from."""
+    """Promotion gate: phase 2 against the model it started from (evaluation/gate.py)."""
 
-    max_accuracy_drop: float = Field(0.02, ge=0.0, le=1.0, description="delta, as a fraction (0.02 = 2 points)")
+    max_accuracy_drop: float = Field(
+        0.02, ge=0.0, le=1.0,
+        description="delta, as a fraction (0.02 = 2 points): the lower CI bound of the paired accuracy change "
+        "(candidate - parent) must be at least -delta",
+    )
     min_length_reduction_pct: float = Field(20.0, ge=-100.0, le=100.0, description="r, in percent")
     sets: list[str] | None = Field(
         None, description="evaluated sets the gate judges (default: all); the others are reported only"
     )
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of the paired bootstrap CI")
+    bootstrap_samples: int = Field(2000, gt=0, description="bootstrap resamples of the paired difference")
+    seed: int = 0
 
 
 class GraderConfig(_Strict):

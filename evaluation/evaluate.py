@@ -60,6 +60,7 @@ def evaluate_model(
                 gen.truncated.numpy().reshape(len(problems), k),
                 n_boot=cfg.bootstrap_samples,
                 seed=seed,
+                problem_ids=[p.id for p in problems],
             )
             for i, (g, text) in enumerate(zip(grades, gen.texts)):
                 p = problems[i // k]

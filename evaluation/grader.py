@@ -47,6 +47,8 @@ DEFAULT_TIMEOUT_S = 5.0
 CRASH_RETRIES = 1
 
 _INTEGER = re.compile(r"[-+]?\d+")
+_LETTER = re.compile(r"[A-Z]")
+_LETTER_ANSWER = re.compile(r"\(?([A-Za-z])\)?[.:]?")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,11 @@ def quick_grade(response: str, reference: str) -> tuple[Grade | None, str | None
     a, b = _normalise(extracted), _normalise(reference)
     if a == b:
         return Grade(True, extracted, "exact match"), None
+    if _LETTER.fullmatch(b):
+        # Multiple choice: the reference is a letter and so must the answer be ("(B)", "B." count).
+        letter = _LETTER_ANSWER.fullmatch(a)
+        chosen = letter.group(1).upper() if letter else None
+        return Grade(chosen == b, extracted, "same choice" if chosen == b else "different choice"), None
     if _INTEGER.fullmatch(a) and _INTEGER.fullmatch(b):
         return Grade(int(a) == int(b), extracted, "equal integers" if int(a) == int(b) else "different integers"), None
     return None, extracted

@@ -120,6 +120,8 @@ def run_ablation(
     ppo = cfg.ppo_for("phase2")
     if steps is not None:
         ppo = PPOConfig.model_validate({**ppo.model_dump(), "steps": steps})
+    if cfg.evaluation.heldout is None:
+        raise ValueError("the ablation evaluates on evaluation.heldout, which is null; set it to a problem source")
     heldout = load_source(cfg.evaluation.heldout, split="heldout")[:eval_problems]
     out = Path(out_dir) if out_dir else default_out_dir(cfg, start, curation.folder, ppo, eval_problems)
     tracking.setup(cfg)

@@ -50,7 +50,7 @@ def summary_rows(summary: dict) -> list[list[str]]:
                 lo, hi = m["accuracy_ci"]
                 reduction = summary["length_reduction_pct"].get(bench, {}).get(t) if label == "phase2" else None
                 rows.append([
-                    label, f"v{model['version']}", bench, t,
+                    label, f"v{model['version']}" if model['version'] != "local" else "local", bench, t,
                     f"{100 * m['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
                     _fmt_len(m["mean_length"]), "" if reduction is None else f"{reduction:.1f}%", str(m["n"]),
                 ])

@@ -25,8 +25,11 @@ from concise_rl.config import DataSource, PipelineConfig, stable_hash
 from concise_rl.problems import Problem, load_hf_dataset, load_problems, problems_hash, save_problems
 from concise_rl.synthetic import generate_problems
 from evaluation import plots
+from evaluation.benchmarks import load_benchmark
 from evaluation.evaluate import evaluate_model
 from evaluation.gate import evaluate_gate, length_reductions
+from evaluation.metrics import macro_average
+from evaluation.report import read_responses, write_report
 from tasks import publish, tracking
 from training import curation as curation_lib
 from training.embedded import build_embedded_model
@@ -52,13 +55,15 @@ def device(cfg: PipelineConfig) -> torch.device:
 
 
 def load_source(src: DataSource, split: str = "train") -> list[Problem]:
-    """Problems from a DataSource: the built-in task, a local file, or a hub dataset."""
+    """Problems from a DataSource: the built-in task, a local file, a hub dataset or a named benchmark."""
     if src.kind == "synthetic":
         return generate_problems(
             src.num_problems, seed=src.seed, min_level=src.min_level, max_level=src.max_level, split=split
         )
     if src.kind == "file":
         return load_problems(src.path, limit=src.limit)
+    if src.kind == "benchmark":
+        return load_benchmark(src.name, data_dir=src.path, limit=src.limit, few_shot=src.few_shot)
     return load_hf_dataset(src.name, split=src.split, limit=src.limit)
 
 
@@ -233,21 +238,42 @@ def register(cfg: PipelineConfig, phase: str, model_dir: str, parent: dict[str, 
 
 # --------------------------------------------------------------------------- evaluation
 def evaluation_sets(cfg: PipelineConfig) -> dict[str, list[Problem]]:
-    sets = {"heldout": load_source(cfg.evaluation.heldout, split="heldout")}
+    sets = {}
+    if cfg.evaluation.heldout is not None:
+        sets["heldout"] = load_source(cfg.evaluation.heldout, split="heldout")
     for name, src in cfg.evaluation.benchmarks.items():
         sets[name] = load_source(src, split="heldout")
     return sets
 
 
+def _local_model_key(model_dir: str) -> str:
+    """A local model folder by path and weight files (size, mtime): a retrained folder is a new model."""
+    root = Path(model_dir).resolve()
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.glob("*.safetensors"))
+    return stable_hash([str(root), weights])[:12]
+
+
+def _evaluation_dir(cfg: PipelineConfig, info: dict[str, str], key: str) -> Path:
+    if info["version"] == "local":
+        return paths.evaluations() / f"local-{_local_model_key(info['uri'])}-{key}"
+    name = info["uri"][len("models:/"):].split("/")[0] if info["uri"].startswith("models:/") else cfg.registry.model_name
+    return paths.evaluations() / f"{name}-v{info['version']}-{key}"
+
+
 def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str, dict]:
-    """Evaluate each labelled model version; cached per version and evaluation settings."""
+    """Evaluate each labelled model; cached per version (or local folder) and evaluation settings.
+
+    Writes every graded response and a summary per model, then a report over all of
+    them (markdown and plots, evaluation/report.py) that goes to MLflow and, inside a
+    Prefect run, to the UI as a markdown artifact.
+    """
     sets = evaluation_sets(cfg)
     key = stable_hash({"eval": cfg.evaluation.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(),
                        "sets": {k: problems_hash(v) for k, v in sets.items()}, "seed": cfg.seed})
     results: dict[str, dict] = {}
     with tracking.stage_run(cfg, "evaluate"):
         for label, info in models.items():
-            out = paths.evaluations() / f"{cfg.registry.model_name}-v{info['version']}-{key}"
+            out = _evaluation_dir(cfg, info, key)
             summary_file = out / "summary.json"
             if not summary_file.is_file():
                 model_dir = tracking.resolve_model_uri(info["uri"])
@@ -268,6 +294,20 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
                     tracking.log_metrics({f"{label}.{bench}.T{t}.accuracy": m["accuracy"],
                                           f"{label}.{bench}.T{t}.mean_length": m["mean_length"]})
             mlflow.log_artifacts(str(out), artifact_path=f"evaluations/{label}")
+        report_dir = paths.evaluations() / "reports" / f"{key}-{stable_hash(sorted((k, v['version'], v['uri']) for k, v in models.items()))[:8]}"
+        files = write_report(
+            results, {label: read_responses(_evaluation_dir(cfg, info, key) / "responses.jsonl")
+                      for label, info in models.items()},
+            report_dir,
+        )
+        mlflow.log_artifacts(str(report_dir), artifact_path="report")
+        for label, info in models.items():
+            macro = macro_average(results[label]["eval"])
+            for t, m in macro.items():
+                tracking.log_metrics({f"{label}.macro.T{t}.accuracy": m["accuracy"],
+                                      f"{label}.macro.T{t}.mean_length": m["mean_length"]})
+            results[label]["report"] = str(report_dir)
+        publish.markdown("evaluation-report", files[0].read_text(encoding="utf-8"), "concise-rl evaluation report")
     return results
 
 

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
-COMMANDS = ["run", "curate", "train", "evaluate", "promote", "ablate"]
+COMMANDS = ["run", "curate", "train", "evaluate", "compare", "promote", "ablate", "grade"]
 
 
 def env_for(home: Path) -> dict[str, str]:

@@ -7,26 +7,34 @@ import pytest
 
 from concise_rl.config import GateConfig
 from evaluation.gate import evaluate_gate, length_reduction_pct, length_reductions
-from evaluation.metrics import bootstrap_ci, pass_at_1, summarise
+from evaluation.metrics import bootstrap_ci, ids_hash, macro_average, paired_difference, pass_at_1, summarise
 
 GATE = GateConfig(max_accuracy_drop=0.02, min_length_reduction_pct=20.0)
+N = 400
+IDS = ids_hash([f"p{i}" for i in range(N)])
 
 
-def ev(**temps: tuple[float, float]) -> dict:
-    """{"heldout": {"0.0": {...}, "0.6": {...}}} from t0_0=(accuracy, mean_length), t0_6=(...)."""
-    return {
-        "heldout": {
-            key[1:].replace("_", "."): {"accuracy": acc, "mean_length": length}
-            for key, (acc, length) in temps.items()
-        }
-    }
+def solved(k: int, n: int = N, offset: int = 0) -> list[float]:
+    """Per-problem pass@1 with problems offset .. offset+k-1 solved (wrapping)."""
+    return [1.0 if (i - offset) % n < k else 0.0 for i in range(n)]
+
+
+def res(per_problem: list[float], length: float, ids: str = IDS) -> dict:
+    return {"accuracy": float(np.mean(per_problem)), "mean_length": length, "per_problem": per_problem,
+            "problem_ids_hash": ids}
+
+
+def ev(**temps: tuple[list[float], float]) -> dict:
+    """{"heldout": {"0.0": {...}, "0.6": {...}}} from t0_0=(per_problem, mean_length), t0_6=(...)."""
+    return {"heldout": {key[1:].replace("_", "."): res(pp, length) for key, (pp, length) in temps.items()}}
 
 
 def by_name(verdict: dict) -> dict[str, dict]:
     return {c["name"]: c for c in verdict["criteria"]}
 
 
-PARENT = ev(t0_0=(0.80, 1000.0), t0_6=(0.78, 1100.0))
+ACC = "accuracy change, 95% CI lower bound"
+PARENT = ev(t0_0=(solved(320), 1000.0), t0_6=(solved(312), 1100.0))
 
 
 # ----------------------------------------------------------------------------- length_reduction_pct
@@ -51,128 +59,149 @@ def test_length_reductions_only_shared_sets_and_temperatures():
 
 # ----------------------------------------------------------------------------- evaluate_gate
 def test_passes_when_accuracy_holds_and_length_drops():
-    cand = ev(t0_0=(0.79, 600.0), t0_6=(0.78, 770.0))
+    cand = ev(t0_0=(solved(320), 600.0), t0_6=(solved(312), 770.0))
     verdict = evaluate_gate(cand, PARENT, GATE)
     assert verdict["passed"] is True
     crit = by_name(verdict)
-    assert set(crit) == {
-        "heldout@T=0.0 accuracy drop",
-        "heldout@T=0.0 length reduction %",
-        "heldout@T=0.6 accuracy drop",
-        "heldout@T=0.6 length reduction %",
-    }
-    assert all(c["passed"] for c in crit.values())
-    assert crit["heldout@T=0.0 accuracy drop"]["value"] == pytest.approx(0.01)
-    assert crit["heldout@T=0.0 accuracy drop"]["threshold"] == 0.02
+    assert set(crit) == {f"heldout@T=0.0 {ACC}", "heldout@T=0.0 length reduction %",
+                         f"heldout@T=0.6 {ACC}", "heldout@T=0.6 length reduction %"}
+    acc = crit[f"heldout@T=0.0 {ACC}"]
+    assert (acc["value"], acc["difference"], acc["ci"], acc["threshold"], acc["n"]) == (0.0, 0.0, [0.0, 0.0], -0.02, N)
     assert crit["heldout@T=0.0 length reduction %"]["value"] == pytest.approx(40.0)
-    assert crit["heldout@T=0.0 length reduction %"]["threshold"] == 20.0
-    assert crit["heldout@T=0.6 accuracy drop"]["value"] == pytest.approx(0.0)
     assert crit["heldout@T=0.6 length reduction %"]["value"] == pytest.approx(30.0)
 
 
-def test_accuracy_gain_counts_as_negative_drop():
-    cand = ev(t0_0=(0.90, 500.0), t0_6=(0.85, 500.0))
-    verdict = evaluate_gate(cand, PARENT, GATE)
-    assert verdict["passed"] is True
-    assert by_name(verdict)["heldout@T=0.0 accuracy drop"]["value"] == pytest.approx(-0.10)
+def test_one_problem_lost_out_of_400_is_non_inferior():
+    cand = ev(t0_0=(solved(319), 600.0))
+    acc = by_name(evaluate_gate(cand, PARENT, GATE))[f"heldout@T=0.0 {ACC}"]
+    assert acc["difference"] == pytest.approx(-1 / N)
+    assert -0.02 < acc["value"] <= -1 / N and acc["passed"]
 
 
-def test_fails_naming_exactly_the_failing_criteria():
-    # T=0.0: accuracy fine, only 10% shorter. T=0.6: 8 points less accurate, 50% shorter.
-    cand = ev(t0_0=(0.80, 900.0), t0_6=(0.70, 550.0))
+def test_a_clear_drop_fails_naming_exactly_the_failing_criteria():
+    # T=0.0: same problems solved, only 10% shorter. T=0.6: 32 problems (8 points) lost, 50% shorter.
+    cand = ev(t0_0=(solved(320), 900.0), t0_6=(solved(280), 550.0))
     verdict = evaluate_gate(cand, PARENT, GATE)
     assert verdict["passed"] is False
     failing = {c["name"]: c for c in verdict["criteria"] if not c["passed"]}
-    assert set(failing) == {"heldout@T=0.0 length reduction %", "heldout@T=0.6 accuracy drop"}
+    assert set(failing) == {"heldout@T=0.0 length reduction %", f"heldout@T=0.6 {ACC}"}
+    assert failing[f"heldout@T=0.6 {ACC}"]["difference"] == pytest.approx(-0.08)
+    assert failing[f"heldout@T=0.6 {ACC}"]["value"] < -0.08
     assert failing["heldout@T=0.0 length reduction %"]["value"] == pytest.approx(10.0)
-    assert failing["heldout@T=0.0 length reduction %"]["threshold"] == 20.0
-    assert failing["heldout@T=0.6 accuracy drop"]["value"] == pytest.approx(0.08)
-    assert failing["heldout@T=0.6 accuracy drop"]["threshold"] == 0.02
-    passing = {c["name"] for c in verdict["criteria"] if c["passed"]}
-    assert passing == {"heldout@T=0.0 accuracy drop", "heldout@T=0.6 length reduction %"}
 
 
-def test_a_single_failing_criterion_fails_the_gate():
-    cand = ev(t0_0=(0.79, 600.0), t0_6=(0.755, 600.0))  # T=0.6 drop 0.025 > 0.02
-    verdict = evaluate_gate(cand, PARENT, GATE)
-    assert verdict["passed"] is False
-    assert [c["name"] for c in verdict["criteria"] if not c["passed"]] == ["heldout@T=0.6 accuracy drop"]
+def test_an_equal_score_on_a_small_set_does_not_prove_non_inferiority():
+    # 30 problems: the candidate gains 2 and loses 2. The point difference is 0, but
+    # the paired CI reaches about -13 points, so "at most 2 points worse" is not shown.
+    parent = {"aime": {"0.6": res(solved(15, 30), 1000.0, "aime")}}
+    cand = {"aime": {"0.6": res(solved(15, 30, offset=2), 500.0, "aime")}}
+    acc = by_name(evaluate_gate(cand, parent, GATE))[f"aime@T=0.6 {ACC}"]
+    assert acc["difference"] == 0.0 and not acc["passed"]
+    assert -0.2 < acc["value"] < -0.05
+
+
+def test_accuracy_gain_passes_with_a_positive_interval():
+    cand = ev(t0_0=(solved(360), 500.0), t0_6=(solved(340), 500.0))
+    crit = by_name(evaluate_gate(cand, PARENT, GATE))
+    assert crit[f"heldout@T=0.0 {ACC}"]["difference"] == pytest.approx(0.10)
+    assert crit[f"heldout@T=0.0 {ACC}"]["value"] > 0 and crit[f"heldout@T=0.0 {ACC}"]["passed"]
 
 
 def test_longer_candidate_fails_with_negative_reduction():
-    cand = ev(t0_0=(0.80, 1200.0), t0_6=(0.78, 500.0))
+    cand = ev(t0_0=(solved(320), 1200.0), t0_6=(solved(312), 500.0))
     crit = by_name(evaluate_gate(cand, PARENT, GATE))
     assert crit["heldout@T=0.0 length reduction %"]["value"] == pytest.approx(-20.0)
     assert crit["heldout@T=0.0 length reduction %"]["passed"] is False
 
 
-def test_drop_exactly_delta_passes():
-    # 0.52 - 0.50 is 0.020000000000000018 in floating point; it must still count as 0.02.
-    parent = ev(t0_0=(0.52, 1000.0))
-    cand = ev(t0_0=(0.50, 500.0))
-    crit = by_name(evaluate_gate(cand, parent, GATE))
-    assert crit["heldout@T=0.0 accuracy drop"]["value"] == pytest.approx(0.02)
-    assert crit["heldout@T=0.0 accuracy drop"]["passed"] is True
-
-
-def test_drop_just_above_delta_fails():
-    parent = ev(t0_0=(0.521, 1000.0))
-    cand = ev(t0_0=(0.50, 500.0))
-    crit = by_name(evaluate_gate(cand, parent, GATE))
-    assert crit["heldout@T=0.0 accuracy drop"]["passed"] is False
-
-
-def test_reduction_exactly_r_passes_when_exact_in_floating_point():
-    # 75 vs 100 is exactly 25.0 %.
-    parent = ev(t0_0=(0.5, 100.0))
-    cand = ev(t0_0=(0.5, 75.0))
-    crit = by_name(evaluate_gate(cand, parent, GateConfig(max_accuracy_drop=0.0, min_length_reduction_pct=25.0)))
+def test_delta_zero_is_met_by_identical_results():
+    crit = by_name(evaluate_gate(ev(t0_0=(solved(200), 75.0)), ev(t0_0=(solved(200), 100.0)),
+                                 GateConfig(max_accuracy_drop=0.0, min_length_reduction_pct=25.0)))
+    assert crit[f"heldout@T=0.0 {ACC}"]["passed"] is True
     assert crit["heldout@T=0.0 length reduction %"]["value"] == 25.0
     assert crit["heldout@T=0.0 length reduction %"]["passed"] is True
-    # And an accuracy drop of exactly 0 meets delta = 0.
-    assert crit["heldout@T=0.0 accuracy drop"]["passed"] is True
 
 
 def test_reduction_exactly_r_passes():
-    parent = ev(t0_0=(0.5, 100.0))
-    cand = ev(t0_0=(0.5, 80.0))
+    parent, cand = ev(t0_0=(solved(200), 100.0)), ev(t0_0=(solved(200), 80.0))
     crit = by_name(evaluate_gate(cand, parent, GATE))
     assert crit["heldout@T=0.0 length reduction %"]["value"] == 20.0
     assert crit["heldout@T=0.0 length reduction %"]["passed"] is True
 
 
 def test_reduction_just_below_r_fails():
-    parent = ev(t0_0=(0.5, 1000.0))
-    cand = ev(t0_0=(0.5, 801.0))  # 19.9 %
-    crit = by_name(evaluate_gate(cand, parent, GATE))
-    assert crit["heldout@T=0.0 length reduction %"]["passed"] is False
+    parent, cand = ev(t0_0=(solved(200), 1000.0)), ev(t0_0=(solved(200), 801.0))  # 19.9 %
+    assert by_name(evaluate_gate(cand, parent, GATE))["heldout@T=0.0 length reduction %"]["passed"] is False
+
+
+def test_confidence_level_names_the_criterion_and_widens_the_interval():
+    cand = ev(t0_0=(solved(319, offset=3), 600.0))
+    at95 = by_name(evaluate_gate(cand, PARENT, GATE))[f"heldout@T=0.0 {ACC}"]
+    at99 = by_name(evaluate_gate(cand, PARENT, GateConfig(confidence=0.99)))[
+        "heldout@T=0.0 accuracy change, 99% CI lower bound"]
+    assert at99["value"] < at95["value"]
 
 
 def test_only_shared_sets_and_temperatures_are_gated():
-    cand = ev(t0_0=(0.79, 600.0), t1_0=(0.0, 5000.0))  # T=1.0 is not in the parent
-    cand["other"] = {"0.0": {"accuracy": 0.0, "mean_length": 9999.0}}  # nor is this set
+    cand = ev(t0_0=(solved(320), 600.0), t1_0=(solved(0), 5000.0))  # T=1.0 is not in the parent
+    cand["other"] = {"0.0": res(solved(0), 9999.0)}  # nor is this set
     verdict = evaluate_gate(cand, PARENT, GATE)
     assert verdict["passed"] is True
-    assert set(by_name(verdict)) == {"heldout@T=0.0 accuracy drop", "heldout@T=0.0 length reduction %"}
+    assert set(by_name(verdict)) == {f"heldout@T=0.0 {ACC}", "heldout@T=0.0 length reduction %"}
 
 
-def test_several_sets_are_all_gated():
-    parent = {**PARENT, "math500": {"0.0": {"accuracy": 0.6, "mean_length": 2000.0}}}
-    cand = {**ev(t0_0=(0.79, 600.0), t0_6=(0.78, 770.0)), "math500": {"0.0": {"accuracy": 0.5, "mean_length": 1000.0}}}
-    verdict = evaluate_gate(cand, parent, GATE)
-    assert verdict["passed"] is False
-    assert len(verdict["criteria"]) == 6
-    assert [c["name"] for c in verdict["criteria"] if not c["passed"]] == ["math500@T=0.0 accuracy drop"]
+def test_gate_sets_limits_the_judged_sets():
+    parent = {**PARENT, "hard": {"0.0": res(solved(300), 2000.0)}}
+    cand = {**ev(t0_0=(solved(320), 600.0), t0_6=(solved(312), 770.0)), "hard": {"0.0": res(solved(100), 1990.0)}}
+    assert evaluate_gate(cand, parent, GATE)["passed"] is False
+    assert evaluate_gate(cand, parent, GateConfig(sets=["heldout"]))["passed"] is True
+    with pytest.raises(ValueError, match=r"gate.sets names \['missing'\]"):
+        evaluate_gate(cand, parent, GateConfig(sets=["missing"]))
+
+
+def test_results_without_per_problem_figures_are_refused():
+    old = {"heldout": {"0.0": {"accuracy": 0.8, "mean_length": 500.0}}}
+    with pytest.raises(ValueError, match=r"no per-problem results.*re-run `concise-rl evaluate`"):
+        evaluate_gate(old, PARENT, GATE)
+
+
+def test_results_on_different_problems_are_refused():
+    cand = {"heldout": {"0.0": res(solved(320), 600.0, ids="other")}}
+    with pytest.raises(ValueError, match="different problems"):
+        evaluate_gate(cand, PARENT, GATE)
 
 
 def test_no_shared_set_raises():
     with pytest.raises(ValueError, match=r"share no evaluated set"):
-        evaluate_gate({"a": {"0.0": {"accuracy": 1.0, "mean_length": 1.0}}}, PARENT, GATE)
+        evaluate_gate({"a": {"0.0": res(solved(1), 1.0)}}, PARENT, GATE)
 
 
 def test_no_shared_temperature_raises():
     with pytest.raises(ValueError, match=r"share no evaluated set and temperature"):
-        evaluate_gate(ev(t1_0=(0.8, 10.0)), PARENT, GATE)
+        evaluate_gate(ev(t1_0=(solved(1), 10.0)), PARENT, GATE)
+
+
+def test_paired_ci_is_tighter_than_two_independent_ones():
+    rng = np.random.default_rng(0)
+    parent = (rng.random(500) < 0.7).astype(float)
+    cand = parent.copy()
+    flip = rng.choice(500, 20, replace=False)
+    cand[flip] = 1 - cand[flip]
+    paired = paired_difference(cand, parent, n_boot=2000)
+    lo_c, hi_c = bootstrap_ci(cand, n_boot=2000)
+    assert paired["difference"] == pytest.approx(cand.mean() - parent.mean())
+    assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
+    assert (paired["ci"][1] - paired["ci"][0]) < (hi_c - lo_c) / 2
+    with pytest.raises(ValueError, match="same problems"):
+        paired_difference(cand, parent[:10])
+
+
+def test_macro_average_is_the_unweighted_mean_over_sets():
+    results = {"a": {"0.0": {"accuracy": 0.8, "mean_length": 100.0}, "0.6": {"accuracy": 0.6, "mean_length": 50.0}},
+               "b": {"0.0": {"accuracy": 0.4, "mean_length": 300.0}}}
+    macro = macro_average(results)
+    assert macro["0.0"] == {"accuracy": pytest.approx(0.6), "mean_length": 200.0, "sets": 2}
+    assert macro["0.6"] == {"accuracy": 0.6, "mean_length": 50.0, "sets": 1}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -224,6 +253,8 @@ def test_summarise_exact_values():
     assert s["mean_length_correct"] == pytest.approx(80 / 3)  # 10, 30, 40
     assert s["mean_length_incorrect"] == pytest.approx(130 / 3)  # 20, 50, 60
     assert s["truncation_rate"] == pytest.approx(1 / 6)
+    assert s["median_length_correct"] == 30.0 and s["median_length_incorrect"] == 50.0
+    assert s["per_problem"] == [0.5, 1.0, 0.0]
     assert s["n"] == 3
     assert s["samples"] == 2
     lo, hi = s["accuracy_ci"]
@@ -257,15 +288,3 @@ def test_summarise_none_correct_has_no_correct_length():
     assert s["mean_length_correct"] is None
     assert s["mean_length_incorrect"] == pytest.approx(5.0)
     assert s["truncation_rate"] == 1.0
-
-
-def test_gate_judges_only_the_named_sets() -> None:
-    parent = {"heldout": {"0.0": {"accuracy": 0.8, "mean_length": 100.0}},
-              "hard": {"0.0": {"accuracy": 0.4, "mean_length": 200.0}}}
-    candidate = {"heldout": {"0.0": {"accuracy": 0.8, "mean_length": 50.0}},
-                 "hard": {"0.0": {"accuracy": 0.2, "mean_length": 190.0}}}
-    assert not evaluate_gate(candidate, parent, GateConfig())["passed"]
-    verdict = evaluate_gate(candidate, parent, GateConfig(sets=["heldout"]))
-    assert verdict["passed"] and all(c["name"].startswith("heldout@") for c in verdict["criteria"])
-    with pytest.raises(ValueError, match=r"gate.sets names \['aime'\]"):
-        evaluate_gate(candidate, parent, GateConfig(sets=["aime"]))

@@ -83,7 +83,13 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
     assert set(summary["length_reduction_pct"]["heldout"]) == {"0.0", "0.6"}
     assert summary["gate"]["passed"] is True
     assert len(summary["gate"]["criteria"]) == 4
-    assert all(set(c) == {"name", "value", "threshold", "passed"} for c in summary["gate"]["criteria"])
+    for c in summary["gate"]["criteria"]:
+        if "accuracy change" in c["name"]:  # the paired, statistical criterion
+            assert set(c) == {"name", "value", "threshold", "passed", "difference", "ci", "n"}
+            assert c["ci"][0] == c["value"] and c["n"] == 8
+        else:
+            assert set(c) == {"name", "value", "threshold", "passed"}
+    assert (home / "evaluations" / "reports").is_dir()
 
     v = versions(home)
     assert sorted(v) == ["1", "2", "3"]

@@ -120,10 +120,17 @@ class Critic(nn.Module):
 
 
 def format_prompt(question: str, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig) -> str:
-    """The text the model is conditioned on for one problem."""
-    content = f"{question}\n{prompt.instruction}" if prompt.instruction else question
+    """The text the model is conditioned on for one problem, in the prompt style of its family.
+
+    r1 (DeepSeek-R1-Distill): one user turn, the question then the instruction.
+    qwen-math (Qwen2.5-Math's CoT template): the instruction as the system turn, the
+    question as the user turn. Without a chat template: the question and instruction.
+    """
     if not prompt.use_chat_template:
-        return content
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
+        return f"{question}\n{prompt.instruction}" if prompt.instruction else question
+    if prompt.style == "qwen-math" and prompt.instruction:
+        messages = [{"role": "system", "content": prompt.instruction}, {"role": "user", "content": question}]
+    else:
+        content = f"{question}\n{prompt.instruction}" if prompt.instruction else question
+        messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
