@@ -46,7 +46,8 @@ DEFAULT_TIMEOUT_S = 5.0
 # replaced and its answer regraded this many times before it counts as wrong.
 CRASH_RETRIES = 1
 
-_INTEGER = re.compile(r"[-+]?\d+")
+# An integer, optionally with thousands separators ("32,348", as MATH writes "32,\\!348").
+_INTEGER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)")
 _LETTER = re.compile(r"[A-Z]")
 _LETTER_ANSWER = re.compile(r"\(?([A-Za-z])\)?[.:]?")
 
@@ -111,7 +112,8 @@ def quick_grade(response: str, reference: str) -> tuple[Grade | None, str | None
         chosen = letter.group(1).upper() if letter else None
         return Grade(chosen == b, extracted, "same choice" if chosen == b else "different choice"), None
     if _INTEGER.fullmatch(a) and _INTEGER.fullmatch(b):
-        return Grade(int(a) == int(b), extracted, "equal integers" if int(a) == int(b) else "different integers"), None
+        same = int(a.replace(",", "")) == int(b.replace(",", ""))
+        return Grade(same, extracted, "equal integers" if same else "different integers"), None
     return None, extracted
 
 
@@ -132,6 +134,15 @@ def _parse_latex(text: str, timeout: int | None):
     return parse(text, extraction_config=[LatexExtractionConfig()], parsing_timeout=timeout)
 
 
+# Layout that math-verify's LaTeX parser trips over without changing the value:
+# escaped dollar signs (currency), thin spaces, \left/\right, \dfrac/\tfrac.
+_LAYOUT = re.compile(r"\\\$|\\[!,;:](?![a-zA-Z])|\\(?:left|right)(?![a-zA-Z])")
+
+
+def _clean_latex(s: str) -> str:
+    return _LAYOUT.sub("", s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+
+
 def verify_extracted(extracted: str, reference: str, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> tuple[bool, str]:
     """Whether a boxed answer equals the reference, by math-verify; (correct, reason).
 
@@ -142,6 +153,7 @@ def verify_extracted(extracted: str, reference: str, timeout_s: float | None = D
     from math_verify import verify
 
     timeout = _signal_timeout(timeout_s)
+    reference, extracted = _clean_latex(reference), _clean_latex(extracted)
     gold_text = reference if "$" in reference or "\\boxed" in reference else f"${reference}$"
     gold = _parse_latex(gold_text, timeout)
     if not gold:

@@ -94,6 +94,22 @@ def test_equivalent_forms_go_through_math_verify(grader):
     assert [g.correct for g in grades] == [c[2] for c in cases], grades
 
 
+@pytest.mark.parametrize(
+    ("response", "reference", "correct"),
+    [
+        ("\\boxed{32348}", "\\$32,\\!348", True),  # MATH's thousands separator and currency
+        ("\\boxed{32,348}", "32348", True),
+        ("\\boxed{32,349}", "32348", False),
+        ("\\boxed{1,2}", "12", False),  # a pair, not a thousands separator
+        ("\\boxed{36}", "\\$36", True),
+        ("\\boxed{\\$ 4.50}", "4.5", True),
+        ("\\boxed{\\left[ 1, 2 \\right)}", "[1,2)", True),
+    ],
+)
+def test_layout_and_separators_do_not_change_the_verdict(grader, response, reference, correct):
+    assert grader.grade(response, reference).correct is correct
+
+
 def test_timeouts_hold_when_grading_from_a_worker_thread(grader):
     # math-verify's own (SIGALRM) timeouts do nothing off the main thread; the pool's do.
     out = {}
