@@ -540,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_environment()
     from concise_rl.config import load_config
     from concise_rl.errors import ConfigError, CurationError, ModelLoadError, ProblemLoadError
+    from concise_rl.store import StoreError
 
     bad_input = (ConfigError, ProblemLoadError, ModelLoadError, CurationError, LookupError, FileNotFoundError)
     try:
@@ -552,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     except bad_input as exc:
         print(f"concise-rl {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StoreError as exc:  # the store is unreachable or holds a bad copy: its message says what to check
+        print(f"concise-rl {args.command}: artifact store: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("concise-rl: interrupted; finished stages and the last checkpoint are kept, run again to resume",
               file=sys.stderr)

@@ -266,6 +266,50 @@ class RegistryConfig(_Strict):
     tracking_uri: str | None = Field(None, description="default: sqlite store under CONCISE_RL_HOME")
 
 
+class StoreConfig(_Strict):
+    """Where registered checkpoints and evaluation outputs are copied (concise_rl/store.py).
+
+    Credentials are never part of the config: for s3:// they come from boto3's usual
+    chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/config and
+    credentials, an instance role).
+    """
+
+    uri: str | None = Field(
+        None,
+        description="a local directory (or file:// URI) or s3://BUCKET/PREFIX; default: <CONCISE_RL_HOME>/store",
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, rclone, ...), e.g. http://127.0.0.1:9000; "
+        "default: AWS. Custom endpoints use path-style addressing",
+    )
+    region: str | None = Field(None, description="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION / ~/.aws/config)")
+    multipart_threshold_mb: int = Field(64, ge=1, description="files at least this large upload in parts")
+    multipart_chunk_mb: int = Field(
+        64, ge=5, description="size of one part of a multipart upload (S3's minimum part size is 5 MB)"
+    )
+    max_concurrency: int = Field(4, ge=1, description="parallel part transfers per file")
+    max_attempts: int = Field(
+        5, ge=1, description="tries per file transfer on connection errors, with exponential backoff between them",
+    )
+    retry_base_s: float = Field(
+        1.0, gt=0, description="backoff before the second try; it doubles each try, capped at 30 s",
+    )
+    timeout_s: float = Field(60.0, gt=0, description="connect and read timeout of one S3 request")
+
+    @model_validator(mode="after")
+    def _scheme(self) -> StoreConfig:
+        uri = self.uri or ""
+        if "://" in uri and not uri.startswith(("s3://", "file://")):
+            raise ValueError(f"uri {uri!r}: use a local directory, file:///PATH or s3://BUCKET/PREFIX")
+        if uri.startswith("s3://") and not uri[len("s3://"):].split("/")[0]:
+            raise ValueError(f"uri {uri!r} names no bucket: use s3://BUCKET/PREFIX")
+        if not uri.startswith("s3://") and (self.endpoint_url or self.region):
+            raise ValueError("endpoint_url and region apply to an s3:// uri only; set uri: s3://BUCKET/PREFIX")
+        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint_url {self.endpoint_url!r} must start with http:// or https://")
+        return self
+
+
 class PipelineConfig(_Strict):
     name: str = "demo"
     seed: int = 0
@@ -281,6 +325,7 @@ class PipelineConfig(_Strict):
     evaluation: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
+    store: StoreConfig = StoreConfig()
 
     @model_validator(mode="after")
     def _phase_overrides_valid(self) -> PipelineConfig:
@@ -298,8 +343,11 @@ class PipelineConfig(_Strict):
             raise ValueError(f"{phase}.ppo: {_describe(exc, prefix=f'{phase}.ppo')}") from None
 
     def config_hash(self) -> str:
-        """A short stable hash of the whole config (the registry's `config_hash` tag)."""
-        return stable_hash(self.model_dump(mode="json"))
+        """A short stable hash of the whole config (the registry's `config_hash` tag).
+
+        ``store`` is left out: where copies are kept does not change what is trained.
+        """
+        return stable_hash(self.model_dump(mode="json", exclude={"store"}))
 
 
 def stable_hash(obj: Any) -> str:

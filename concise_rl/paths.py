@@ -44,3 +44,8 @@ def reports() -> Path:
 
 def prefect_home() -> Path:
     return home() / "prefect"
+
+
+def store() -> Path:
+    """The default artifact store (``store.uri`` unset): a local folder."""
+    return home() / "store"

@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 
 from concise_rl import paths
+from concise_rl import store as artifact_store
 from concise_rl.config import DataSource, PipelineConfig, stable_hash
 from concise_rl.problems import Problem, load_hf_dataset, load_problems, problems_hash, save_problems
 from concise_rl.synthetic import generate_problems
@@ -78,6 +79,19 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _store_checkpoint(cfg: PipelineConfig, model_dir: Path, phase: str) -> tuple[str, dict[str, str]]:
+    """Commit a model folder to the artifact store (manifest last); its URI and the tags that pin it.
+
+    Raises :class:`concise_rl.store.StoreError` when the upload fails, before
+    anything is registered.
+    """
+    upload = artifact_store.open_store(cfg.store).upload_checkpoint(
+        model_dir, model_name=cfg.registry.model_name, phase=phase
+    )
+    mlflow.set_tag("checkpoint_uri", upload.uri)
+    return upload.uri, {"checkpoint_manifest_sha256": upload.digest}
+
+
 def _version_info(version) -> dict[str, str]:
     return {"version": str(version.version), "uri": tracking.model_uri(version.name, version.version)}
 
@@ -103,9 +117,10 @@ def prepare_base(cfg: PipelineConfig) -> dict[str, str]:
             from huggingface_hub import snapshot_download
 
             model_dir = Path(snapshot_download(source))
+        checkpoint_uri, pin = _store_checkpoint(cfg, model_dir, "base")
         version = tracking.register_model_dir(
-            client, cfg, model_dir, phase="base", parent_version=None,
-            tags={"source_key": source_key, "name_or_path": source},
+            client, cfg, model_dir, phase="base", parent_version=None, problems_hash=None,
+            checkpoint_uri=checkpoint_uri, tags={"source_key": source_key, "name_or_path": source, **pin},
         )
         client.set_registered_model_alias(cfg.registry.model_name, PHASE_ALIAS["base"], version.version)
     return _version_info(version)
@@ -219,7 +234,12 @@ def train_phase(cfg: PipelineConfig, phase: str, model_uri: str, problems_path: 
 
 
 def register(cfg: PipelineConfig, phase: str, model_dir: str, parent: dict[str, str]) -> dict[str, str]:
-    """Register a trained policy as a version (once per training run) and point its alias at it."""
+    """Register a trained policy as a version (once per training run) and point its alias at it.
+
+    The folder is committed to the artifact store first; only then is the version
+    created, with its lineage tags (``checkpoint_uri`` among them). A failed
+    upload raises and registers nothing.
+    """
     client = tracking.setup(cfg)
     state = json.loads((Path(model_dir) / "trainer_state.json").read_text())
     existing = tracking.find_version(
@@ -228,9 +248,12 @@ def register(cfg: PipelineConfig, phase: str, model_dir: str, parent: dict[str, 
     )
     if existing is None:
         with tracking.stage_run(cfg, f"register-{phase}", phase=phase):
+            checkpoint_uri, pin = _store_checkpoint(cfg, Path(model_dir), phase)
             existing = tracking.register_model_dir(
                 client, cfg, Path(model_dir), phase=PHASE_TAG[phase], parent_version=parent["version"],
-                tags={"run_key": state["run_key"], "ppo_steps": str(state["step"])},
+                # A final folder written before the trainer recorded the hash has none.
+                problems_hash=state.get("problems_hash", "unknown"), checkpoint_uri=checkpoint_uri,
+                tags={"run_key": state["run_key"], "ppo_steps": str(state["step"]), **pin},
             )
     client.set_registered_model_alias(cfg.registry.model_name, PHASE_ALIAS[phase], existing.version)
     return _version_info(existing)
@@ -265,8 +288,11 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
 
     Writes every graded response and a summary per model, then a report over all of
     them (markdown and plots, evaluation/report.py) that goes to MLflow and, inside a
-    Prefect run, to the UI as a markdown artifact.
+    Prefect run, to the UI as a markdown artifact. Each model's folder and the report
+    are also committed to the artifact store under ``evaluations/`` (skipped where
+    the same content is already there).
     """
+    store = artifact_store.open_store(cfg.store)
     sets = evaluation_sets(cfg)
     key = stable_hash({"eval": cfg.evaluation.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(),
                        "sets": {k: problems_hash(v) for k, v in sets.items()}, "seed": cfg.seed})
@@ -294,6 +320,8 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
                     tracking.log_metrics({f"{label}.{bench}.T{t}.accuracy": m["accuracy"],
                                           f"{label}.{bench}.T{t}.mean_length": m["mean_length"]})
             mlflow.log_artifacts(str(out), artifact_path=f"evaluations/{label}")
+            uploaded = store.upload_dir(out, store.uri("evaluations", out.name))
+            mlflow.set_tag(f"store.evaluations.{label}", uploaded.uri)
         report_dir = paths.evaluations() / "reports" / f"{key}-{stable_hash(sorted((k, v['version'], v['uri']) for k, v in models.items()))[:8]}"
         files = write_report(
             results, {label: read_responses(_evaluation_dir(cfg, info, key) / "responses.jsonl")
@@ -301,6 +329,8 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
             report_dir,
         )
         mlflow.log_artifacts(str(report_dir), artifact_path="report")
+        uploaded = store.upload_dir(report_dir, store.uri("evaluations", "reports", report_dir.name))
+        mlflow.set_tag("store.evaluations.report", uploaded.uri)
         for label, info in models.items():
             macro = macro_average(results[label]["eval"])
             for t, m in macro.items():

@@ -1,8 +1,10 @@
 """MLflow: the tracking store, one run per stage, and the model registry.
 
 Every model the pipeline produces (the base, phase 1, phase 2) is a version of one
-registered model, tagged with its phase, its parent version and the config hash,
-and addressed by aliases (``base``, ``phase1``, ``candidate``, ``champion``).
+registered model, tagged with its lineage (:data:`LINEAGE_TAGS`: phase, parent
+version, config hash, training-problems hash, code commit, and the artifact-store
+URI of its checkpoint), and addressed by aliases (``base``, ``phase1``,
+``candidate``, ``champion``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,9 @@ from concise_rl import paths
 from concise_rl.config import PipelineConfig
 
 log = logging.getLogger(__name__)
+
+LINEAGE_TAGS = ("phase", "parent_version", "config_hash", "problems_hash", "git_commit", "checkpoint_uri")
+CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -82,19 +88,52 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
             client.create_registered_model(name, description="concise-rl: base, phase-1 and phase-2 policies")
 
 
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=CODE_ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def code_version() -> dict[str, str]:
+    """``git_commit`` of the code that runs (``unknown`` outside a git checkout of it) and ``git_dirty``.
+
+    Only a checkout whose top level is this project counts: an installed copy that
+    happens to sit inside some other repository (a venv in a clone) is ``unknown``.
+    """
+    top = _git("rev-parse", "--show-toplevel")
+    commit = _git("rev-parse", "HEAD") if top and Path(top).resolve() == CODE_ROOT else None
+    if not commit:
+        return {"git_commit": "unknown"}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def lineage_tags(
+    cfg: PipelineConfig, *, phase: str, parent_version: str | None, problems_hash: str | None, checkpoint_uri: str
+) -> dict[str, str]:
+    """The tags every registered version carries (MLflow tags are strings: None becomes '')."""
+    return {"phase": phase, "parent_version": parent_version or "", "config_hash": cfg.config_hash(),
+            "problems_hash": problems_hash or "", "checkpoint_uri": checkpoint_uri, **code_version()}
+
+
 def register_model_dir(
-    client: MlflowClient, cfg: PipelineConfig, model_dir: Path, *, phase: str, parent_version: str | None, tags: dict[str, str]
+    client: MlflowClient, cfg: PipelineConfig, model_dir: Path, *, phase: str, parent_version: str | None,
+    problems_hash: str | None, checkpoint_uri: str, tags: dict[str, str],
 ) -> ModelVersion:
     """Upload a Hugging Face model folder as run artifacts and register it as a new version.
 
-    Must be called inside a stage run; the version's source is that run's artifact.
+    Must be called inside a stage run, after the checkpoint is committed to the
+    artifact store at ``checkpoint_uri``; the version's source is the run's artifact.
     """
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("register_model_dir needs an active MLflow run (use stage_run)")
     mlflow.log_artifacts(str(model_dir), artifact_path="model")
     ensure_registered_model(client, cfg.registry.model_name)
-    all_tags = {"phase": phase, "parent_version": parent_version or "", "config_hash": cfg.config_hash(), **tags}
+    all_tags = {**lineage_tags(cfg, phase=phase, parent_version=parent_version, problems_hash=problems_hash,
+                               checkpoint_uri=checkpoint_uri), **tags}
     return client.create_model_version(
         cfg.registry.model_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=all_tags
     )

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from concise_rl.problems import load_problems, problems_hash
+from concise_rl.store import MANIFEST, ArtifactStore
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "concise-rl-demo"
 
@@ -98,6 +101,18 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
     assert len({v[k].tags["config_hash"] for k in ("1", "2", "3")}) == 1
     assert (alias(home, "base"), alias(home, "phase1"), alias(home, "candidate"), alias(home, "champion")) == (
         "1", "2", "3", "3")
+    # Lineage: every version points at a verified copy in the (default, local) artifact store.
+    curated = home / "curation" / (home / "curation" / "latest").read_text().strip()
+    assert [v[k].tags["problems_hash"] for k in ("1", "2", "3")] == [
+        "", problems_hash(load_problems(curated / "phase1.jsonl")), problems_hash(load_problems(curated / "phase2.jsonl"))]
+    assert len({v[k].tags["git_commit"] for k in ("1", "2", "3")}) == 1
+    for k, phase in (("1", "base"), ("2", "phase1"), ("3", "phase2")):
+        uri = v[k].tags["checkpoint_uri"]
+        assert uri.startswith((home / "store" / "checkpoints" / MODEL / f"{phase}-").as_uri())
+        assert "model.safetensors" in ArtifactStore().verify(uri)["files"]
+    stored_evaluations = {p.parent.name for p in (home / "store" / "evaluations").glob(f"*/{MANIFEST}")}
+    assert {f"{MODEL}-v{k}-" for k in ("1", "2", "3")} == {name[: len(MODEL) + 4] for name in stored_evaluations}
+    assert list((home / "store" / "evaluations" / "reports").glob(f"*/{MANIFEST}"))
     promoted = v["3"].tags
     assert promoted["gate"] == "passed"
     assert float(promoted["eval.heldout.T0.0.accuracy"]) == pytest.approx(

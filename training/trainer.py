@@ -105,8 +105,9 @@ class PPOTrainer:
         self.keep_checkpoints = keep_checkpoints
         self.accelerator = accelerator or Accelerator()
         # What makes a checkpoint resumable by this run: same start, data and settings.
+        self.problems_hash = problems_hash(problems)
         self.run_key = stable_hash(
-            {"policy": str(policy_path), "problems": problems_hash(problems), "ppo": ppo_cfg.model_dump(mode="json")}
+            {"policy": str(policy_path), "problems": self.problems_hash, "ppo": ppo_cfg.model_dump(mode="json")}
         )
         self.step = 0
 
@@ -480,7 +481,9 @@ class PPOTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             acc.unwrap_model(self.policy).save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "run_key": self.run_key}))
+            (tmp / "trainer_state.json").write_text(
+                json.dumps({"step": self.step, "run_key": self.run_key, "problems_hash": self.problems_hash})
+            )
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         acc.wait_for_everyone()
