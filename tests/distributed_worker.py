@@ -1,0 +1,129 @@
+"""One process of the 2-process PPO test (tests/test_distributed.py), started by `accelerate launch`.
+
+Trains the tiny model three times in the same process group and writes what the test
+checks to ``--out``:
+- ``straight``: 3 steps; per step this process's shard of the prompts, the step's
+  prompts and the logged metrics; step 0's rollout (its own rows before and after
+  the gather) for the single-process comparison; hashes of the final policy and critic;
+- ``resumed``: the same run stopped by an exception after step 3's metrics (step 2's
+  checkpoint is the last), then started again: it must resume and end where ``straight`` ended.
+Every process logs to its own ``rank{N}.log``, so the test can count checkpoint writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
+from concise_rl.synthetic import generate_problems
+from training.trainer import PPOTrainer
+
+# Prompts of 114-138 tokens, so the processes' shards have different prompt widths.
+PROBLEMS = generate_problems(6, seed=5, min_level=1, max_level=8)
+# 4 prompts x 2 samples, one mini-batch of all 8 rollouts (each process: 4), micro-batches of
+# at most 2 rows and 300 padded tokens: at step 0 one process fits 2 rows in one, the other 1.
+SETTINGS = {
+    "steps": 3, "prompts_per_step": 4, "samples_per_prompt": 2, "mini_batch_size": 8, "micro_batch_size": 2,
+    "micro_batch_tokens": 300, "max_new_tokens": 16, "actor_lr": 1e-3, "critic_lr": 1e-3, "warmup_ratio": 0.0,
+    "checkpoint_every": 1,
+}
+
+
+class Crash(Exception):
+    pass
+
+
+class RecordingTrainer(PPOTrainer):
+    """The trainer as it is, noting what each process sampled and how it split its micro-batches."""
+
+    def __init__(self, *args, dump: Path | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dump = dump
+        self.shards: list[dict] = []
+        self.micro_batches: list[list[int]] = []
+        self._local = None
+
+    def _shard_indices(self, step: int) -> list[int]:
+        shard = super()._shard_indices(step)
+        self.shards.append({"step": step, "batch": self._batch_indices(step), "shard": shard})
+        return shard
+
+    def _gather(self, local):
+        self._local = local
+        return super()._gather(local)
+
+    def _rollout(self, step: int):
+        rollout, metrics = super()._rollout(step)
+        if step == 0 and self.dump is not None:
+            torch.save({"local": self._local, "rollout": rollout, "metrics": metrics}, self.dump)
+        return rollout, metrics
+
+    def _even_out(self, groups):
+        out = super()._even_out(groups)
+        self.micro_batches.append([len(groups), len(out)])
+        return out
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def make(acc: Accelerator, model: Path, out: Path, **kwargs) -> RecordingTrainer:
+    return RecordingTrainer(
+        policy_path=str(model), problems=PROBLEMS, out_dir=out, ppo_cfg=PPOConfig(**SETTINGS),
+        model_cfg=ModelConfig(), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), keep_checkpoints=3,
+        accelerator=acc, **kwargs,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    acc = Accelerator(cpu=True)
+    rank = acc.process_index
+    logging.basicConfig(filename=args.out / f"rank{rank}.log", level=logging.INFO,
+                        format="%(name)s %(levelname)s %(message)s")
+
+    metrics: list[dict] = []
+    straight = make(acc, args.model, args.out / "straight", dump=args.out / f"rank{rank}-step0.pt",
+                    on_step=lambda step, m: metrics.append({"step": step, **m}))
+    straight.train()
+    record = {
+        "rank": rank, "num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
+        "shards": straight.shards, "metrics": metrics, "micro_batches": straight.micro_batches,
+        "policy": weights_hash(acc.unwrap_model(straight.policy)),
+        "critic": weights_hash(acc.unwrap_model(straight.critic)),
+    }
+
+    def crash_at_3(step: int, _metrics: dict) -> None:
+        if step == 3:
+            raise Crash
+
+    try:
+        make(acc, args.model, args.out / "resumed", on_step=crash_at_3).train()
+    except Crash:
+        record["crashed"] = True
+    resumed = make(acc, args.model, args.out / "resumed")
+    resumed.train()
+    record["resumed_shards"] = resumed.shards
+    record["resumed_policy"] = weights_hash(acc.unwrap_model(resumed.policy))
+    record["resumed_critic"] = weights_hash(acc.unwrap_model(resumed.critic))
+    (args.out / f"rank{rank}.json").write_text(json.dumps(record))
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
