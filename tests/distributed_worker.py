@@ -29,10 +29,12 @@ from training.trainer import PPOTrainer
 PROBLEMS = generate_problems(6, seed=5, min_level=1, max_level=8)
 # 4 prompts x 2 samples, one mini-batch of all 8 rollouts (each process: 4), micro-batches of
 # at most 2 rows and 300 padded tokens: at step 0 one process fits 2 rows in one, the other 1.
+# token-mean: the loss normaliser is the token count of both processes' rows (the per-response
+# means of the default mode need no more than each process's share of the rows).
 SETTINGS = {
     "steps": 3, "prompts_per_step": 4, "samples_per_prompt": 2, "mini_batch_size": 8, "micro_batch_size": 2,
     "micro_batch_tokens": 300, "max_new_tokens": 16, "actor_lr": 1e-3, "critic_lr": 1e-3, "warmup_ratio": 0.0,
-    "checkpoint_every": 1,
+    "checkpoint_every": 1, "loss_agg_mode": "token-mean",
 }
 
 
