@@ -2,6 +2,7 @@
 
 Trains the tiny model three times in the same process group and writes what the test
 checks to ``--out``:
+- ``refused``: the errors for a step and a mini-batch that do not divide among the processes;
 - ``straight``: 3 steps; per step this process's shard of the prompts, the step's
   prompts and the logged metrics; step 0's rollout (its own rows before and after
   the gather) for the single-process comparison; hashes of the final policy and critic;
@@ -81,9 +82,9 @@ def weights_hash(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def make(acc: Accelerator, model: Path, out: Path, **kwargs) -> RecordingTrainer:
+def make(acc: Accelerator, model: Path, out: Path, settings: dict | None = None, **kwargs) -> RecordingTrainer:
     return RecordingTrainer(
-        policy_path=str(model), problems=PROBLEMS, out_dir=out, ppo_cfg=PPOConfig(**SETTINGS),
+        policy_path=str(model), problems=PROBLEMS, out_dir=out, ppo_cfg=PPOConfig(**SETTINGS | (settings or {})),
         model_cfg=ModelConfig(), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), keep_checkpoints=3,
         accelerator=acc, **kwargs,
     )
@@ -99,12 +100,20 @@ def main() -> None:
     logging.basicConfig(filename=args.out / f"rank{rank}.log", level=logging.INFO,
                         format="%(name)s %(levelname)s %(message)s")
 
+    refused = []
+    for settings in ({"prompts_per_step": 3, "mini_batch_size": 6}, {"mini_batch_size": 1, "micro_batch_size": 1}):
+        try:
+            make(acc, args.model, args.out / "refused", settings)
+        except ValueError as exc:
+            refused.append(str(exc))
+
     metrics: list[dict] = []
     straight = make(acc, args.model, args.out / "straight", dump=args.out / f"rank{rank}-step0.pt",
                     on_step=lambda step, m: metrics.append({"step": step, **m}))
     straight.train()
     record = {
         "rank": rank, "num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
+        "refused": refused,
         "shards": straight.shards, "metrics": metrics, "micro_batches": straight.micro_batches,
         "policy": weights_hash(acc.unwrap_model(straight.policy)),
         "critic": weights_hash(acc.unwrap_model(straight.critic)),

@@ -18,15 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_worker import PROBLEMS, SETTINGS  # tests/, on the path as in test_grader's grader_faults
+from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
+from concise_rl.problems import save_problems
 from training import ppo
 from training.trainer import PPOTrainer, Rollout, Scored
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from distributed_worker import PROBLEMS, SETTINGS  # noqa: E402
 
 
 def free_port() -> int:
@@ -45,7 +46,7 @@ def accelerate_launch(args: list[str], *, env: dict[str, str] | None = None, tim
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), *args,
     ]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def pad_right(t: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
@@ -79,6 +80,13 @@ def test_each_process_samples_its_own_share_of_the_step(two_process_run: Path) -
         # Disjoint positions of the step's prompts whose union, in process order, is the step's prompts.
         assert s0["shard"] + s1["shard"] == s0["batch"]
     assert r0["shards"][0]["shard"] != r1["shards"][0]["shard"]
+
+
+def test_a_step_that_does_not_divide_among_the_processes_is_refused(two_process_run: Path) -> None:
+    for r in ranks(two_process_run):
+        prompts, mini = r["refused"]
+        assert "ppo.prompts_per_step=3 does not divide among 2 processes" in prompts
+        assert "ppo.mini_batch_size=1 does not divide among 2 processes" in mini
 
 
 def test_batch_statistics_are_the_whole_steps_and_the_same_on_both(two_process_run: Path) -> None:
@@ -185,7 +193,8 @@ def test_two_processes_make_the_update_one_process_makes_on_the_same_rollouts(
     # noise: 1% of a step is the tolerance (in practice all but a rare weight agree to 1e-6).
     ckpt = out / "straight" / "checkpoints" / "step-000001"
     start = load_file(str(tiny_model_dir / "model.safetensors"))
-    for saved, model in ((ckpt / "policy" / "model.safetensors", single.policy), (ckpt / "critic.safetensors", single.critic)):
+    saved_models = ((ckpt / "policy" / "model.safetensors", single.policy), (ckpt / "critic.safetensors", single.critic))
+    for saved, model in saved_models:
         theirs, mine = load_file(str(saved)), single.accelerator.unwrap_model(model).state_dict()
         assert theirs.keys() <= mine.keys()
         for key, value in theirs.items():
@@ -193,3 +202,40 @@ def test_two_processes_make_the_update_one_process_makes_on_the_same_rollouts(
     policy = load_file(str(ckpt / "policy" / "model.safetensors"))
     moved = [k for k in start if (policy[k] - start[k]).abs().max() > 0.5 * SETTINGS["actor_lr"]]
     assert len(moved) > len(start) // 2, "the update moved too few weights for the comparison to mean much"
+
+
+@pytest.mark.slow
+def test_concise_rl_train_under_accelerate_launch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`concise-rl train` in 2 processes: both train, the main one alone logs to MLflow and registers."""
+    problems = tmp_path / "problems.jsonl"
+    save_problems(PROBLEMS[:4], problems)
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"} | {"CONCISE_RL_HOME": str(home)}
+    settings = ["ppo.steps=2", "ppo.prompts_per_step=2", "ppo.samples_per_prompt=2", "ppo.mini_batch_size=4",
+                "ppo.micro_batch_size=2", "ppo.max_new_tokens=16", "ppo.checkpoint_every=1",
+                "prompt.max_prompt_tokens=256", "device=cpu"]
+    args = ["-m", "concise_rl.cli", "train", "--config", str(ROOT / "configs" / "demo.yaml"), "--phase", "1",
+            "--model", str(tiny_model_dir), "--problems", str(problems)]
+    done = accelerate_launch([*args, *(x for s in settings for x in ("--set", s))], env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("phase1 trained:") == 1, done.stdout
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'concise-rl-demo'")
+    assert [v.tags["phase"] for v in versions] == ["1"]
+    runs = client.search_runs([client.get_experiment_by_name("concise-rl-demo").experiment_id])
+    assert sorted(r.data.tags["stage"] for r in runs) == ["register-phase1", "train-phase1"]
+    train = next(r for r in runs if r.data.tags["stage"] == "train-phase1")
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "accuracy")] == [1, 2]
+    rows = (home / "checkpoints" / "phase1" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2]
+
+
+def test_other_commands_refuse_to_run_as_several_processes(tmp_path: Path) -> None:
+    env = dict(os.environ, WORLD_SIZE="2", CONCISE_RL_HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "concise_rl.cli", "evaluate", "--config", str(ROOT / "configs" / "demo.yaml")],
+        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert "only `concise-rl train` runs data-parallel" in done.stderr
