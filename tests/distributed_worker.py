@@ -1,4 +1,5 @@
-"""One process of the 2-process PPO test (tests/test_distributed.py), started by `accelerate launch`.
+"""One process of the 2-process PPO test (tests/test_distributed.py), started by `accelerate launch`
+(DDP, or DeepSpeed ZeRO-2/3 when launched with DeepSpeed).
 
 Trains the tiny model three times in the same process group and writes what the test
 checks to ``--out``:
@@ -14,17 +15,20 @@ Every process logs to its own ``rank{N}.log``, so the test can count checkpoint 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.synthetic import generate_problems
-from training.trainer import PPOTrainer
+from training.trainer import PPOTrainer, zero_stage
 
 # Prompts of 114-138 tokens, so the processes' shards have different prompt widths.
 PROBLEMS = generate_problems(6, seed=5, min_level=1, max_level=8)
@@ -74,11 +78,19 @@ class RecordingTrainer(PPOTrainer):
         return out
 
 
-def weights_hash(module: torch.nn.Module) -> str:
+def weights_hash(acc: Accelerator, model: torch.nn.Module) -> str:
+    """sha256 of the model's whole weights (ZeRO-3: gathered from every process's shard)."""
+    module = acc.unwrap_model(model)
+    gathered = contextlib.nullcontext()
+    if zero_stage(acc) == 3:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(module.parameters()))
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    with gathered:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -95,7 +107,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    acc = Accelerator(cpu=True)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        # accelerate starts DeepSpeed on a CPU only with the backend named (DeepSpeed's CPU
+        # accelerator speaks gloo); on GPUs it picks nccl itself.
+        acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    else:
+        acc = Accelerator(cpu=True)
     rank = acc.process_index
     logging.basicConfig(filename=args.out / f"rank{rank}.log", level=logging.INFO,
                         format="%(name)s %(levelname)s %(message)s")
@@ -115,8 +132,8 @@ def main() -> None:
         "rank": rank, "num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
         "refused": refused,
         "shards": straight.shards, "metrics": metrics, "micro_batches": straight.micro_batches,
-        "policy": weights_hash(acc.unwrap_model(straight.policy)),
-        "critic": weights_hash(acc.unwrap_model(straight.critic)),
+        "policy": weights_hash(acc, straight.policy),
+        "critic": weights_hash(acc, straight.critic),
     }
 
     def crash_at_3(step: int, _metrics: dict) -> None:
@@ -130,8 +147,8 @@ def main() -> None:
     resumed = make(acc, args.model, args.out / "resumed")
     resumed.train()
     record["resumed_shards"] = resumed.shards
-    record["resumed_policy"] = weights_hash(acc.unwrap_model(resumed.policy))
-    record["resumed_critic"] = weights_hash(acc.unwrap_model(resumed.critic))
+    record["resumed_policy"] = weights_hash(acc, resumed.policy)
+    record["resumed_critic"] = weights_hash(acc, resumed.critic)
     (args.out / f"rank{rank}.json").write_text(json.dumps(record))
     acc.wait_for_everyone()
 

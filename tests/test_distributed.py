@@ -7,12 +7,14 @@ them with torchrun and each runs as MULTI_CPU over gloo. The trainer code is the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,15 +38,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 600):
-    """``accelerate launch`` with 2 CPU processes; the code is this checkout's (PYTHONPATH)."""
+def accelerate_launch(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 600, how=None):
+    """``accelerate launch`` with 2 CPU processes; the code is this checkout's (PYTHONPATH).
+
+    ``how``: the launcher's options (default: DDP, as ``--multi_gpu``, in float32).
+    """
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"
+    how = how or ["--multi_gpu", "--mixed_precision", "no"]
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), *args,
+        sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2", "--num_machines", "1",
+        "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args,
     ]
     return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -57,22 +62,52 @@ def same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == b
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tiny_model_dir: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp")
-    done = accelerate_launch(["tests/distributed_worker.py", "--model", str(tiny_model_dir), "--out", str(out)])
+@dataclass
+class Run:
+    out: Path
+    distributed_type: str
+    float32: bool  # comparable with a single float32 process
+
+
+def deepspeed(config: str, *extra: str) -> list[str]:
+    return ["--config_file", f"infra/accelerate/{config}.yaml", *extra]
+
+
+# DDP; the repository's DeepSpeed configs as they are (bf16); ZeRO-3 in float32 for the
+# comparison with one process. DeepSpeed's CPU accelerator runs ZeRO over gloo, so these
+# exercise the DeepSpeed code paths without a GPU (where deepspeed is installed).
+VARIANTS = {
+    "ddp": (["--multi_gpu", "--mixed_precision", "no"], "MULTI_CPU", True),
+    "zero2-bf16": (deepspeed("deepspeed-zero2"), "DEEPSPEED", False),
+    "zero3-bf16": (deepspeed("deepspeed-zero3"), "DEEPSPEED", False),
+    "zero3-fp32": (deepspeed("deepspeed-zero3", "--mixed_precision", "no"), "DEEPSPEED", True),
+}
+
+
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(name, marks=[] if name == "ddp" else [pytest.mark.slow]) for name in VARIANTS],
+)
+def two_process_run(request, tiny_model_dir: Path, tmp_path_factory) -> Run:
+    how, distributed_type, float32 = VARIANTS[request.param]
+    if how[0] == "--config_file" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (the 'gpu' extra; on a CPU: pip install --no-build-isolation deepspeed)")
+    out = tmp_path_factory.mktemp(request.param)
+    done = accelerate_launch(
+        ["tests/distributed_worker.py", "--model", str(tiny_model_dir), "--out", str(out)], how=how
+    )
     assert done.returncode == 0, done.stderr[-4000:]
-    return out
+    return Run(out, f"DistributedType.{distributed_type}", float32)
 
 
 def ranks(out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_each_process_samples_its_own_share_of_the_step(two_process_run: Path) -> None:
-    r0, r1 = ranks(two_process_run)
+def test_each_process_samples_its_own_share_of_the_step(two_process_run: Run) -> None:
+    r0, r1 = ranks(two_process_run.out)
     assert r0["num_processes"] == r1["num_processes"] == 2
-    assert r0["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert r0["distributed_type"] == two_process_run.distributed_type
     assert [s["step"] for s in r0["shards"]] == [0, 1, 2]
     for s0, s1 in zip(r0["shards"], r1["shards"], strict=True):
         assert s0["batch"] == s1["batch"], "the processes disagree on the step's prompts"
@@ -82,20 +117,20 @@ def test_each_process_samples_its_own_share_of_the_step(two_process_run: Path) -
     assert r0["shards"][0]["shard"] != r1["shards"][0]["shard"]
 
 
-def test_a_step_that_does_not_divide_among_the_processes_is_refused(two_process_run: Path) -> None:
-    for r in ranks(two_process_run):
+def test_a_step_that_does_not_divide_among_the_processes_is_refused(two_process_run: Run) -> None:
+    for r in ranks(two_process_run.out):
         prompts, mini = r["refused"]
         assert "ppo.prompts_per_step=3 does not divide among 2 processes" in prompts
         assert "ppo.mini_batch_size=1 does not divide among 2 processes" in mini
 
 
-def test_batch_statistics_are_the_whole_steps_and_the_same_on_both(two_process_run: Path) -> None:
-    r0, r1 = ranks(two_process_run)
+def test_batch_statistics_are_the_whole_steps_and_the_same_on_both(two_process_run: Run) -> None:
+    r0, r1 = ranks(two_process_run.out)
     assert len(r0["metrics"]) == len(r1["metrics"]) == SETTINGS["steps"]
     for m0, m1 in zip(r0["metrics"], r1["metrics"], strict=True):
         assert m0.keys() == m1.keys()
         assert all(same(m0[k], m1[k]) for k in m0), {k: (m0[k], m1[k]) for k in m0 if not same(m0[k], m1[k])}
-    step0 = [torch.load(two_process_run / f"rank{r}-step0.pt", weights_only=False) for r in (0, 1)]
+    step0 = [torch.load(two_process_run.out / f"rank{r}-step0.pt", weights_only=False) for r in (0, 1)]
     n = SETTINGS["prompts_per_step"] * SETTINGS["samples_per_prompt"]
     assert r0["metrics"][0]["response_length"] == pytest.approx(
         sum(float(d["local"].response_mask.sum()) for d in step0) / n
@@ -111,8 +146,8 @@ def test_batch_statistics_are_the_whole_steps_and_the_same_on_both(two_process_r
     assert abs(float(ppo.masked_mean(adv[0], masks[0]))) > 1e-3
 
 
-def test_processes_end_with_the_same_weights_and_one_writer(two_process_run: Path) -> None:
-    out = two_process_run
+def test_processes_end_with_the_same_weights_and_one_writer(two_process_run: Run) -> None:
+    out = two_process_run.out
     r0, r1 = ranks(out)
     assert r0["policy"] == r1["policy"] and r0["critic"] == r1["critic"]
     # The micro-batches were split unevenly by the token budget and evened out across processes.
@@ -129,8 +164,8 @@ def test_processes_end_with_the_same_weights_and_one_writer(two_process_run: Pat
     assert steps == [1, 2, 3]
 
 
-def test_resume_on_both_processes_matches_the_uninterrupted_run(two_process_run: Path) -> None:
-    out = two_process_run
+def test_resume_on_both_processes_matches_the_uninterrupted_run(two_process_run: Run) -> None:
+    out = two_process_run.out
     r0, r1 = ranks(out)
     assert r0["crashed"] and r1["crashed"]
     assert [s["step"] for s in r0["resumed_shards"]] == [s["step"] for s in r1["resumed_shards"]] == [2]
@@ -141,10 +176,12 @@ def test_resume_on_both_processes_matches_the_uninterrupted_run(two_process_run:
 
 
 def test_two_processes_make_the_update_one_process_makes_on_the_same_rollouts(
-    two_process_run: Path, tiny_model_dir: Path, tmp_path: Path
+    two_process_run: Run, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """Both processes' step-0 rollouts, put together in one process: same advantages, metrics and update."""
-    out = two_process_run
+    if not two_process_run.float32:
+        pytest.skip("bf16 weights: compared with one float32 process by the zero3-fp32 run")
+    out = two_process_run.out
     step0 = [torch.load(out / f"rank{r}-step0.pt", weights_only=False) for r in (0, 1)]
     single = PPOTrainer(
         policy_path=str(tiny_model_dir), problems=PROBLEMS, out_dir=tmp_path, ppo_cfg=PPOConfig(**SETTINGS),

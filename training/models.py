@@ -107,8 +107,9 @@ class Critic(nn.Module):
         if cfg.gradient_checkpointing:
             backbone.gradient_checkpointing_enable()
         critic = cls(backbone, backbone.config.hidden_size)
-        if is_deepspeed_zero3_enabled():  # the body is sharded already (see load_policy)
-            critic.value_head.to(dtype=_DTYPES[cfg.dtype])
+        if is_deepspeed_zero3_enabled():
+            # The body is sharded already (see load_policy), in DeepSpeed's precision: the head joins it.
+            critic.value_head.to(dtype=next(backbone.parameters()).dtype)
             return critic
         return critic.to(device=device, dtype=_DTYPES[cfg.dtype])
 
