@@ -113,7 +113,12 @@ def critic_forward(critic, input_ids, attention_mask, response_len: int) -> torc
 
 
 class PPOTrainer:
-    """Trains a policy with PPO on ``problems`` and writes checkpoints to ``out_dir``."""
+    """Trains a policy with PPO on ``problems`` and writes checkpoints to ``out_dir``.
+
+    Under N processes (``accelerate launch``) every process runs this with the same
+    arguments; ``on_step`` is called on every process with the same metrics (those of
+    the whole step), and ``out_dir`` must be one folder all processes see.
+    """
 
     def __init__(
         self,
@@ -408,9 +413,10 @@ class PPOTrainer:
                 mb = order[m : m + local_mini]
                 num_tokens = ro.response_mask[mb].sum().item()
                 if self.world > 1:
-                    # The losses are normalised by the whole mini-batch over the processes, over N:
-                    # the gradients are averaged over the processes, so their sum is the whole
-                    # mini-batch's gradient (num_seqs, this process's share, is already over N).
+                    # Normalise by the whole mini-batch's token count over N (num_seqs, this process's
+                    # rows, already is the whole count over N): each process's loss is then N times its
+                    # share of the whole mini-batch's loss, and the average of the processes'
+                    # gradients, which DDP and DeepSpeed take, is the whole mini-batch's gradient.
                     num_tokens = self._all_reduce([num_tokens])[0] / self.world
                 totals = dict.fromkeys(stats, 0.0)
                 groups = self._micro_batches(mb, lengths, prompt_width)
