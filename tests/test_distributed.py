@@ -1,8 +1,10 @@
 """PPO in 2 processes on the CPU (gloo), started with `accelerate launch` as on a GPU machine.
 
-`--multi_gpu` is what starts the processes here: with `--cpu`, accelerate launches more
-than one process through mpirun; with `--multi_gpu` on a machine without GPUs it starts
-them with torchrun and each runs as MULTI_CPU over gloo. The trainer code is the same.
+`--multi_gpu` is what starts the DDP processes here: with `--cpu`, accelerate launches
+more than one process through mpirun; with `--multi_gpu` on a machine without GPUs it
+starts them with torchrun and each runs as MULTI_CPU over gloo. The DeepSpeed variants
+launch with infra/accelerate/deepspeed-zero{2,3}.yaml and run on DeepSpeed's CPU
+accelerator (gloo); they are slow-marked and skipped where deepspeed is not installed.
 """
 
 from __future__ import annotations
