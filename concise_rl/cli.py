@@ -378,15 +378,20 @@ def _cmd_train(args, cfg) -> int:
     phase = f"phase{args.phase}"
     default_alias = "base" if args.phase == 1 else ("phase1" if cfg.phase1.enabled else "base")
     acc = stages.accelerator(cfg)
-    with acc.main_process_first():  # under `accelerate launch`, one process at a time reads the registry
-        start = _explicit_model(cfg, args.model) if args.model else _alias_uri(cfg, default_alias)
-        problems = args.problems or str(_latest_curation() / f"{phase}.jsonl")
-    final = stages.train_phase(cfg, phase, start["uri"], problems, acc)
-    if not acc.is_main_process:
+    try:
+        with acc.main_process_first():  # under `accelerate launch`, one process at a time reads the registry
+            start = _explicit_model(cfg, args.model) if args.model else _alias_uri(cfg, default_alias)
+            problems = args.problems or str(_latest_curation() / f"{phase}.jsonl")
+        final = stages.train_phase(cfg, phase, start["uri"], problems, acc)
+        if not acc.is_main_process:
+            return 0
+        registered = stages.register(cfg, phase, final, start)
+        print(f"{phase} trained: {final}; registered as {registered['uri']}")
         return 0
-    registered = stages.register(cfg, phase, final, start)
-    print(f"{phase} trained: {final}; registered as {registered['uri']}")
-    return 0
+    finally:
+        # Leave the process group before exiting: a process that exits holding it can abort
+        # at interpreter shutdown ("terminate called without an active exception").
+        acc.end_training()
 
 
 def _with_evaluation_options(cfg, args):

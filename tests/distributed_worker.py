@@ -151,6 +151,7 @@ def main() -> None:
     record["resumed_critic"] = weights_hash(acc, resumed.critic)
     (args.out / f"rank{rank}.json").write_text(json.dumps(record))
     acc.wait_for_everyone()
+    acc.end_training()  # leave the process group before exiting
 
 
 if __name__ == "__main__":
