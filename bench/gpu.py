@@ -205,6 +205,7 @@ def bench_ppo(model_dir: Path, args, mode: str) -> None:
     # Give the GPU back before a DeepSpeed run starts in another process.
     trainer.policy = trainer.critic = trainer.ref = trainer.opt_actor = trainer.opt_critic = None
     acc.free_memory()
+    acc.end_training()  # a DeepSpeed child leaves its process group before it exits
 
 
 def launch_deepspeed(config: Path, model_dir: Path, args) -> None:
