@@ -377,12 +377,21 @@ def _cmd_train(args, cfg) -> int:
 
     phase = f"phase{args.phase}"
     default_alias = "base" if args.phase == 1 else ("phase1" if cfg.phase1.enabled else "base")
-    start = _explicit_model(cfg, args.model) if args.model else _alias_uri(cfg, default_alias)
-    problems = args.problems or str(_latest_curation() / f"{phase}.jsonl")
-    final = stages.train_phase(cfg, phase, start["uri"], problems)
-    registered = stages.register(cfg, phase, final, start)
-    print(f"{phase} trained: {final}; registered as {registered['uri']}")
-    return 0
+    acc = stages.accelerator(cfg)
+    try:
+        with acc.main_process_first():  # under `accelerate launch`, one process at a time reads the registry
+            start = _explicit_model(cfg, args.model) if args.model else _alias_uri(cfg, default_alias)
+            problems = args.problems or str(_latest_curation() / f"{phase}.jsonl")
+        final = stages.train_phase(cfg, phase, start["uri"], problems, acc)
+        if not acc.is_main_process:
+            return 0
+        registered = stages.register(cfg, phase, final, start)
+        print(f"{phase} trained: {final}; registered as {registered['uri']}")
+        return 0
+    finally:
+        # Leave the process group before exiting: a process that exits holding it can abort
+        # at interpreter shutdown ("terminate called without an active exception").
+        acc.end_training()
 
 
 def _with_evaluation_options(cfg, args):
@@ -532,6 +541,11 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and args.command != "train":
+        print(f"concise-rl {args.command}: started as {processes} processes (accelerate launch or torchrun); only "
+              "`concise-rl train` runs data-parallel. Run the other commands as one process.", file=sys.stderr)
+        return EXIT_BAD_INPUT
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

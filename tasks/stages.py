@@ -195,30 +195,43 @@ def _point_latest(curation_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- training
-def train_phase(cfg: PipelineConfig, phase: str, model_uri: str, problems_path: str) -> str:
+def accelerator(cfg: PipelineConfig) -> Accelerator:
+    """The accelerator PPO runs under: one process, or each process of `accelerate launch`."""
+    return Accelerator(cpu=device(cfg).type == "cpu")
+
+
+def train_phase(
+    cfg: PipelineConfig, phase: str, model_uri: str, problems_path: str, acc: Accelerator | None = None
+) -> str:
     """PPO for one phase from ``model_uri`` on the problems in ``problems_path``; returns the final policy dir.
 
     A run that already finished with the same inputs is returned as it is, without
     opening an MLflow run, so re-running the pipeline leaves the tracking store alone.
+    Under N processes every process trains and the main process alone tracks the run.
     """
     problems = load_problems(problems_path)
     ppo_cfg = cfg.ppo_for(phase)
-    tracking.setup(cfg)
+    acc = acc or accelerator(cfg)
+    with acc.main_process_first():  # one process creates the tracking store, then the others read it
+        tracking.setup(cfg)
+        policy_path = tracking.resolve_model_uri(model_uri)
     trainer = PPOTrainer(
-        policy_path=tracking.resolve_model_uri(model_uri),
+        policy_path=policy_path,
         problems=problems,
         out_dir=paths.checkpoints(phase),
         ppo_cfg=ppo_cfg,
         model_cfg=cfg.model,
         prompt_cfg=cfg.prompt,
         reward_cfg=cfg.reward,
-        on_step=lambda step, metrics: tracking.log_metrics(metrics, step=step),
-        accelerator=Accelerator(cpu=device(cfg).type == "cpu"),
+        on_step=(lambda step, metrics: tracking.log_metrics(metrics, step=step)) if acc.is_main_process else None,
+        accelerator=acc,
     )
     done = trainer.finished()
     if done is not None:
         log.info("%s already trained in %s", phase, done)
         return str(done)
+    if not acc.is_main_process:
+        return str(trainer.train())
     with tracking.stage_run(cfg, f"train-{phase}", phase=phase, model_uri=model_uri) as run:
         mlflow.log_params({"phase_problems": len(problems), "phase_ppo": json.dumps(ppo_cfg.model_dump(mode="json"))})
         final = trainer.train()

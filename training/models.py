@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging as hf_logging
 
 from concise_rl import paths
@@ -75,6 +76,8 @@ def load_policy(name_or_path: str, cfg: ModelConfig, device: torch.device | str 
     )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if is_deepspeed_zero3_enabled():
+        return model  # loaded in shards onto each process's device (ZeRO-3 zero.Init); DeepSpeed places it
     return model.to(device)
 
 
@@ -104,6 +107,10 @@ class Critic(nn.Module):
         if cfg.gradient_checkpointing:
             backbone.gradient_checkpointing_enable()
         critic = cls(backbone, backbone.config.hidden_size)
+        if is_deepspeed_zero3_enabled():
+            # The body is sharded already (see load_policy), in DeepSpeed's precision: the head joins it.
+            critic.value_head.to(dtype=next(backbone.parameters()).dtype)
+            return critic
         return critic.to(device=device, dtype=_DTYPES[cfg.dtype])
 
     def forward(self, input_ids, attention_mask, position_ids):  # -> [batch, seq]

@@ -1,12 +1,22 @@
 """The PPO loop: rollout, score, advantages, clipped updates, checkpoints.
 
-Run through accelerate so the same code runs on a CPU and under DeepSpeed. The
-policy and the critic each have an optimiser and a cosine schedule; the reference
-model is a frozen copy of the starting policy used only for the KL penalty.
+Run through accelerate so the same code runs in one process on a CPU, data-parallel
+over N processes (DDP), and under DeepSpeed ZeRO-2/3. The policy and the critic each
+have an optimiser and a cosine schedule; the reference model is a frozen copy of the
+starting policy used only for the KL penalty, never given to an optimiser.
+
+Data parallelism: every process samples its own equal share of the step's prompts
+and scores its rollouts; the per-token results are gathered so that everything the
+single-process trainer computes over the whole batch (GAE inputs, advantage
+whitening, logged metrics) is computed over the whole step's batch, identically on
+every process. Each process then updates on its own rows with the losses normalised
+by the whole mini-batch, and DDP (or DeepSpeed) averages the gradients, so N
+processes make the update one process would make on the same rollouts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,13 +24,15 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, broadcast_object_list
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -37,6 +49,16 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, dict[str, float]], None]
 # (responses, reference answers) -> (grades, scalar rewards); the paper's reward by default.
 Scorer = Callable[[list[str], list[str]], tuple[list[Grade], list[float]]]
+# Process r of N samples with seed + r * RANK_SEED_STRIDE, so processes draw different responses
+# (process 0, and a single process, keep the seed as it is).
+RANK_SEED_STRIDE = 1_000_003
+
+
+def zero_stage(accelerator: Accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage ``accelerator`` runs under; None without DeepSpeed."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
 @dataclass
@@ -50,6 +72,23 @@ class Rollout:
     values: torch.Tensor  # [batch, response_len]
     advantages: torch.Tensor  # [batch, response_len]
     returns: torch.Tensor  # [batch, response_len]
+
+
+@dataclass
+class Scored:
+    """What advantages and metrics are computed from: sampled, scored and run through the
+    reference, the critic and (unless reused) the policy. One process's rows, or the whole
+    step's batch gathered from every process, in process order."""
+
+    response_mask: torch.Tensor  # [batch, response_len]
+    logprobs: torch.Tensor  # [batch, response_len]
+    ref_logprobs: torch.Tensor  # [batch, response_len]
+    values: torch.Tensor  # [batch, response_len], 0 after EOS
+    entropy: torch.Tensor  # [batch, response_len]
+    scores: torch.Tensor  # [batch], float
+    correct: torch.Tensor  # [batch], bool
+    boxed: torch.Tensor  # [batch], bool
+    truncated: torch.Tensor  # [batch], bool
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -74,7 +113,12 @@ def critic_forward(critic, input_ids, attention_mask, response_len: int) -> torc
 
 
 class PPOTrainer:
-    """Trains a policy with PPO on ``problems`` and writes checkpoints to ``out_dir``."""
+    """Trains a policy with PPO on ``problems`` and writes checkpoints to ``out_dir``.
+
+    Under N processes (``accelerate launch``) every process runs this with the same
+    arguments; ``on_step`` is called on every process with the same metrics (those of
+    the whole step), and ``out_dir`` must be one folder all processes see.
+    """
 
     def __init__(
         self,
@@ -104,20 +148,41 @@ class PPOTrainer:
         self.on_step = on_step
         self.keep_checkpoints = keep_checkpoints
         self.accelerator = accelerator or Accelerator()
+        self.world = self.accelerator.num_processes
+        self._check_divides_across_processes()
         # What makes a checkpoint resumable by this run: same start, data and settings.
         self.problems_hash = problems_hash(problems)
         self.run_key = stable_hash(
             {"policy": str(policy_path), "problems": self.problems_hash, "ppo": ppo_cfg.model_dump(mode="json")}
         )
+        if self.world > 1:
+            # One key for all: a process may have resolved the start model to a path of its own.
+            self.run_key = broadcast_object_list([self.run_key])[0]
         self.step = 0
+
+    def _check_divides_across_processes(self) -> None:
+        n, cfg = self.world, self.cfg
+        if cfg.prompts_per_step % n:
+            raise ValueError(
+                f"ppo.prompts_per_step={cfg.prompts_per_step} does not divide among {n} processes: each process "
+                f"samples an equal share of the step's prompts; set it to a multiple of {n} or launch fewer processes"
+            )
+        if cfg.mini_batch_size % n:
+            raise ValueError(
+                f"ppo.mini_batch_size={cfg.mini_batch_size} does not divide among {n} processes: each process "
+                f"trains on an equal share of every mini-batch; set it to a multiple of {n} or launch fewer processes"
+            )
 
     # ----------------------------------------------------------------- setup
     def _build(self) -> None:
         acc = self.accelerator
+        self._zero = zero_stage(acc)
         self._seed_everything(self.cfg.seed)
         self.tokenizer = load_tokenizer(
             self.policy_path, trust_remote_code=self.model_cfg.trust_remote_code, prompt=self.prompt_cfg
         )
+        if self._zero is not None:
+            self._configure_deepspeed()
         policy = load_policy(self.policy_path, self.model_cfg)
         critic = Critic.from_policy(self.policy_path, self.model_cfg)
         self.ref = load_policy(self.policy_path, self.model_cfg, device=acc.device).eval().requires_grad_(False)
@@ -136,11 +201,31 @@ class PPOTrainer:
                 opt, num_warmup_steps=warmup, num_training_steps=updates, min_lr_rate=self.cfg.min_lr_ratio
             )
 
-        sched_actor, sched_critic = schedule(opt_actor), schedule(opt_critic)
-        (self.policy, self.critic, self.opt_actor, self.opt_critic, self.sched_actor, self.sched_critic) = (
-            acc.prepare(policy, critic, opt_actor, opt_critic, sched_actor, sched_critic)
-        )
+        # The schedules stay outside accelerate: its scheduler wrapper steps once per process
+        # (N times per update under N processes), and here every process steps its own once.
+        self.sched_actor, self.sched_critic = schedule(opt_actor), schedule(opt_critic)
+        if self._zero is None:
+            self.policy, self.critic, self.opt_actor, self.opt_critic = acc.prepare(
+                policy, critic, opt_actor, opt_critic
+            )
+        else:
+            # accelerate takes one model per prepare() under DeepSpeed: one engine for each, and
+            # the reference in an engine of its own with no optimizer (ZeRO-3: sharded like the others).
+            from trl.models.utils import prepare_deepspeed
+
+            self.policy, self.opt_actor = acc.prepare(policy, opt_actor)
+            self.critic, self.opt_critic = acc.prepare(critic, opt_critic)
+            self.ref = prepare_deepspeed(self.ref, acc)
         self.prompts = [format_prompt(p.prompt, self.tokenizer, self.prompt_cfg) for p in self.problems]
+
+    def _configure_deepspeed(self) -> None:
+        """Settings the DeepSpeed config must take from the PPO config (no dataloader sets them)."""
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = self.cfg.micro_batch_size
+        ds["gradient_clipping"] = self.cfg.max_grad_norm  # DeepSpeed clips inside its step
+        # The trainer marks the end of each mini-batch itself (_backward), however many micro-batches it had.
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_batch_size"] = "auto"  # accelerate fills it in: micro-batch x processes
 
     def _minibatches_per_epoch(self) -> int:
         return self.cfg.prompts_per_step * self.cfg.samples_per_prompt // self.cfg.mini_batch_size
@@ -165,25 +250,48 @@ class PPOTrainer:
             out.extend(perm[offset : offset + k - len(out)].tolist())
         return out
 
+    def _shard_indices(self, step: int) -> list[int]:
+        """This process's problems of one step: an equal, contiguous share of ``_batch_indices``.
+
+        In process order the shards make up the step's problems, so the gathered rollouts
+        are in the order a single process would have them.
+        """
+        batch = self._batch_indices(step)
+        share = len(batch) // self.world
+        rank = self.accelerator.process_index
+        return batch[rank * share : (rank + 1) * share]
+
     # ----------------------------------------------------------------- rollout
+    @contextlib.contextmanager
+    def _generation_model(self) -> Iterator[torch.nn.Module]:
+        """The policy as a plain Hugging Face model to sample from (ZeRO-3: its parameters gathered)."""
+        if self._zero == 3:
+            from trl.models.utils import unwrap_model_for_generation
+
+            with unwrap_model_for_generation(self.policy, self.accelerator) as model:
+                yield model
+        else:
+            yield self.accelerator.unwrap_model(self.policy)
+
     @torch.no_grad()
     def _rollout(self, step: int) -> tuple[Rollout, dict[str, float]]:
         cfg, acc = self.cfg, self.accelerator
         # Old log-probs and values must come from the same (dropout-free) mode as sampling.
         self.policy.eval()
         self.critic.eval()
-        idx = [i for i in self._batch_indices(step) for _ in range(cfg.samples_per_prompt)]
-        gen: Generation = generate(
-            acc.unwrap_model(self.policy),
-            self.tokenizer,
-            [self.prompts[i] for i in idx],
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=len(idx),
-            max_prompt_tokens=self.prompt_cfg.max_prompt_tokens,
-            engine=self.model_cfg.generation_engine,
-        )
+        idx = [i for i in self._shard_indices(step) for _ in range(cfg.samples_per_prompt)]
+        with self._generation_model() as model:
+            gen: Generation = generate(
+                model,
+                self.tokenizer,
+                [self.prompts[i] for i in idx],
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=len(idx),
+                max_prompt_tokens=self.prompt_cfg.max_prompt_tokens,
+                engine=self.model_cfg.generation_engine,
+            )
         # Trim the response columns no row used, so later passes don't pay for padding.
         width = max(int(gen.lengths.max()), 1)
         response_ids, mask = gen.response_ids[:, :width], gen.response_mask[:, :width]
@@ -211,28 +319,69 @@ class PPOTrainer:
         else:
             logprobs, entropy = torch.cat(logprobs), torch.cat(entropy)
         ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values) * mask
+        local = Scored(
+            mask, logprobs, ref_logprobs, values, entropy, scores,
+            correct=torch.tensor([g.correct for g in grades]),
+            boxed=torch.tensor([g.boxed for g in grades]),
+            truncated=gen.truncated,
+        )
+        advantages, returns, metrics = self._experience(self._gather(local))
+        if self.world > 1:
+            # This process's rows of the whole batch, cut back to its own response width.
+            rows = slice(acc.process_index * len(idx), (acc.process_index + 1) * len(idx))
+            advantages, returns = advantages[rows, :width], returns[rows, :width]
+        return Rollout(input_ids, attention_mask, mask, logprobs, values, advantages, returns), metrics
 
-        rewards, kl = ppo.token_rewards(scores, logprobs, ref_logprobs, mask, cfg.kl_coef)
-        advantages, returns = ppo.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    def _experience(self, batch: Scored) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Advantages, returns and the step's metrics, over ``batch`` as a whole."""
+        cfg, mask = self.cfg, batch.response_mask
+        rewards, kl = ppo.token_rewards(batch.scores, batch.logprobs, batch.ref_logprobs, mask, cfg.kl_coef)
+        advantages, returns = ppo.gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = ppo.masked_whiten(advantages, mask)
 
         lengths = mask.sum(1)
-        correct = torch.tensor([g.correct for g in grades])
+        correct = batch.correct
         metrics = {
-            "reward": scores.mean().item(),
+            "reward": batch.scores.mean().item(),
             "accuracy": correct.float().mean().item(),
-            "boxed_rate": float(np.mean([g.boxed for g in grades])),
+            "boxed_rate": float(np.mean(batch.boxed.numpy())),
             "response_length": lengths.mean().item(),
             "response_length_correct": lengths[correct].mean().item() if correct.any() else float("nan"),
             "response_length_incorrect": lengths[~correct].mean().item() if (~correct).any() else float("nan"),
-            "truncation_rate": gen.truncated.float().mean().item(),
+            "truncation_rate": batch.truncated.float().mean().item(),
             "kl": (kl.sum(1)).mean().item(),
-            "entropy": ppo.masked_mean(entropy, mask).item(),
-            "explained_variance": ppo.explained_variance(values, returns, mask),
+            "entropy": ppo.masked_mean(batch.entropy, mask).item(),
+            "explained_variance": ppo.explained_variance(batch.values, returns, mask),
             "generated_tokens": lengths.sum().item(),
         }
-        return Rollout(input_ids, attention_mask, mask, logprobs, values, advantages, returns), metrics
+        return advantages, returns, metrics
+
+    def _gather(self, local: Scored) -> Scored:
+        """Every process's rows in process order, right-padded with zeros to one response width
+        (padding is masked out of everything computed from it). One process: ``local`` itself."""
+        if self.world == 1:
+            return local
+        acc = self.accelerator
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # [rows] from every process
+            return acc.gather(t.float().to(acc.device)).cpu()
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:  # [rows, width] from every process
+            return acc.gather(acc.pad_across_processes(t.float().to(acc.device), dim=1)).cpu()
+
+        return Scored(
+            tokens(local.response_mask), tokens(local.logprobs), tokens(local.ref_logprobs), tokens(local.values),
+            tokens(local.entropy), rows(local.scores), rows(local.correct).bool(), rows(local.boxed).bool(),
+            rows(local.truncated).bool(),
+        )
+
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """``values`` summed (or their maximum taken) over all processes."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+        torch.distributed.all_reduce(t, op=reduce_op)
+        return t.tolist()
 
     def _reuse_rollout_logprobs(self, gen: Generation) -> bool:
         """Whether the sampling pass's log-probs stand in for a training forward (see PPOConfig)."""
@@ -244,7 +393,8 @@ class PPOTrainer:
                 )
             return False
         if self.cfg.rollout_logprobs == "auto":
-            return self.model_cfg.dtype == "float32"
+            # Mixed precision (autocast, or DeepSpeed's bf16 weights) changes the training forward.
+            return self.model_cfg.dtype == "float32" and self.accelerator.mixed_precision == "no"
         return self.cfg.rollout_logprobs == "reuse"
 
     # ----------------------------------------------------------------- update
@@ -256,13 +406,24 @@ class PPOTrainer:
         self.critic.train()
         lengths = ro.response_mask.sum(1).long()
         prompt_width = ro.input_ids.shape[1] - width
+        # Each process takes an equal share of every mini-batch from its own rows.
+        local_mini = cfg.mini_batch_size // self.world
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n)
-            for m in range(0, n, cfg.mini_batch_size):
-                mb = order[m : m + cfg.mini_batch_size]
+            for m in range(0, n, local_mini):
+                mb = order[m : m + local_mini]
                 num_tokens = ro.response_mask[mb].sum().item()
+                if self.world > 1:
+                    # Normalise by the whole mini-batch's token count over N (num_seqs, this process's
+                    # rows, already is the whole count over N): each process's loss is then N times its
+                    # share of the whole mini-batch's loss, and the average of the processes'
+                    # gradients, which DDP and DeepSpeed take, is the whole mini-batch's gradient.
+                    num_tokens = self._all_reduce([num_tokens])[0] / self.world
                 totals = dict.fromkeys(stats, 0.0)
-                for ub in self._micro_batches(mb, lengths, prompt_width):
+                groups = self._micro_batches(mb, lengths, prompt_width)
+                if self.world > 1:
+                    groups = self._even_out(groups)
+                for g, ub in enumerate(groups):
                     # Each micro-batch is cut to its own longest response: the rest is padding.
                     w = max(int(lengths[ub].max()), 1)
                     ids = ro.input_ids[ub, : prompt_width + w].to(acc.device)
@@ -277,7 +438,7 @@ class PPOTrainer:
                     pg_loss = ppo.aggregate(pg_mat, mask, cfg.loss_agg_mode, **agg)
                     vf_mat = ppo.value_loss_matrix(v, old_v, ret, cfg.value_clip_range)
                     vf_loss = ppo.aggregate(vf_mat, mask, cfg.loss_agg_mode, **agg)
-                    acc.backward(pg_loss + cfg.vf_coef * vf_loss)
+                    self._backward(pg_loss, vf_loss, sync=g == len(groups) - 1)
                     share = mask.sum().item() / max(num_tokens, 1)
                     totals["policy_loss"] += pg_loss.item()
                     totals["value_loss"] += vf_loss.item()
@@ -287,17 +448,62 @@ class PPOTrainer:
                     ("actor", self.opt_actor, self.sched_actor, self.policy),
                     ("critic", self.opt_critic, self.sched_critic, self.critic),
                 ):
-                    norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    stats.setdefault(f"grad_norm_{name}", []).append(float(norm))
-                    opt.step()
+                    if self._zero is None:
+                        norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        opt.step()
+                    else:  # DeepSpeed clipped and stepped at the end of the mini-batch (_backward)
+                        norm = model.get_global_grad_norm()
+                    stats.setdefault(f"grad_norm_{name}", []).append(float("nan") if norm is None else float(norm))
                     sched.step()
                     opt.zero_grad(set_to_none=True)
                 for key, value in totals.items():
                     stats[key].append(value)
         out = {k: float(np.mean(v)) for k, v in stats.items()}
+        if self.world > 1:
+            # Each process's losses are its share of the whole mini-batch's, times N (see above).
+            keys = sorted(out)
+            out = dict(zip(keys, (v / self.world for v in self._all_reduce([out[k] for k in keys])), strict=True))
         out["lr_actor"] = self.sched_actor.get_last_lr()[0]
         out["lr_critic"] = self.sched_critic.get_last_lr()[0]
         return out
+
+    def _backward(self, pg_loss: torch.Tensor, vf_loss: torch.Tensor, *, sync: bool) -> None:
+        """Accumulate one micro-batch's gradients; ``sync`` on the last of a mini-batch.
+
+        Under DDP the gradients are averaged over the processes once, on the last micro-batch.
+        Under DeepSpeed each engine runs its own backward and, on the last micro-batch, its
+        step (clip, optimizer, zero grad): accelerate's backward drives only one engine.
+        """
+        acc, cfg = self.accelerator, self.cfg
+        if self._zero is not None:
+            for engine, loss in ((self.policy, pg_loss), (self.critic, cfg.vf_coef * vf_loss)):
+                engine.set_gradient_accumulation_boundary(sync)
+                engine.backward(loss)
+                if sync:
+                    engine.step()
+            return
+        loss = pg_loss + cfg.vf_coef * vf_loss
+        if sync or self.world == 1:
+            acc.backward(loss)
+            return
+        with acc.no_sync(self.policy), acc.no_sync(self.critic):
+            acc.backward(loss)
+
+    def _even_out(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Split micro-batches until this process has as many as the process with the most.
+
+        Every process must run as many forwards and backwards per mini-batch: under ZeRO-3
+        each is a collective. Possible because all hold the same number of rows and every
+        micro-batch has at least one; the loss is normalised by the mini-batch, so the
+        split changes nothing but the grouping.
+        """
+        target = int(self._all_reduce([len(groups)], "max")[0])
+        groups = list(groups)
+        while len(groups) < target:
+            i = max(range(len(groups)), key=lambda j: len(groups[j]))
+            half = (len(groups[i]) + 1) // 2
+            groups[i : i + 1] = [groups[i][:half], groups[i][half:]]
+        return groups
 
     def _micro_batches(self, rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int) -> list[torch.Tensor]:
         """``rows`` of one mini-batch in micro-batches, longest responses first.
@@ -349,19 +555,22 @@ class PPOTrainer:
                    disable=not acc.is_main_process)
         while self.step < self.cfg.steps:
             t0 = time.perf_counter()
-            torch.manual_seed(self.cfg.seed * 100_003 + self.step)
+            torch.manual_seed(self.cfg.seed * 100_003 + self.step + RANK_SEED_STRIDE * acc.process_index)
             rollout, metrics = self._rollout(self.step)
             t_gen = time.perf_counter() - t0
             metrics |= self._update(rollout)
             self._check_finite(metrics)
             elapsed = time.perf_counter() - t0
+            if self.world > 1:  # the slowest process sets the pace; every process logs the same figures
+                elapsed, t_gen = self._all_reduce([elapsed, t_gen], "max")
             metrics |= {
                 "step_time_s": elapsed,
                 "generation_time_s": t_gen,
                 "tokens_per_s": metrics["generated_tokens"] / elapsed,
             }
             self.step += 1
-            self._append_metrics(metrics)
+            if acc.is_main_process:
+                self._append_metrics(metrics)
             if self.on_step:
                 self.on_step(self.step, metrics)
             bar.update(1)
@@ -388,23 +597,33 @@ class PPOTrainer:
         return path if (path / "trainer_state.json").is_file() else None
 
     def _resume_or_reset(self) -> None:
+        acc = self.accelerator
         latest = self._latest_checkpoint()
         state = self._read_state(latest / "trainer_state.json") if latest else None
-        if state and state.get("run_key") == self.run_key:
+        resume = bool(state and state.get("run_key") == self.run_key)
+        if self.world > 1:  # the main process decides for all, so none starts afresh while others resume
+            resume, latest = broadcast_object_list([resume, latest])
+        if resume:
             self.load_checkpoint(latest)
             log.info("resumed PPO from %s at step %d", latest, self.step)
+            acc.wait_for_everyone()
             return
-        if self.out_dir.exists():
-            log.info("starting %s afresh: its checkpoints belong to another run", self.out_dir)
-            shutil.rmtree(self.out_dir)
-        self.out_dir.mkdir(parents=True)
+        if acc.is_main_process:
+            if self.out_dir.exists():
+                log.info("starting %s afresh: its checkpoints belong to another run", self.out_dir)
+                shutil.rmtree(self.out_dir)
+            self.out_dir.mkdir(parents=True)
+        acc.wait_for_everyone()
 
     def _append_metrics(self, metrics: dict[str, float]) -> None:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, **metrics}) + "\n")
 
     def save_checkpoint(self) -> Path:
-        """Write everything needed to resume; the ``latest`` pointer moves only once it is complete."""
+        """Write everything needed to resume; the ``latest`` pointer moves only once it is complete.
+
+        The main process writes it (DeepSpeed: every process writes its optimizer shard too).
+        """
         acc = self.accelerator
         name = f"step-{self.step:06d}"
         path = self.ckpt_dir / name
@@ -412,18 +631,25 @@ class PPOTrainer:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            acc.unwrap_model(self.policy).save_pretrained(tmp / "policy", safe_serialization=True)
+        policy_state = critic_state = None
+        if self._zero is not None:
+            acc.wait_for_everyone()  # the folder exists before any process writes to it
+            for tag, engine in (("actor", self.policy), ("critic", self.critic)):
+                engine.save_checkpoint(str(tmp / "deepspeed"), tag=tag, save_latest=False)
+            policy_state, critic_state = acc.get_state_dict(self.policy), acc.get_state_dict(self.critic)
+        if acc.is_main_process:
+            self._save_policy(tmp / "policy", policy_state)
             self.tokenizer.save_pretrained(tmp / "policy")
-            acc.unwrap_model(self.critic).save(tmp / "critic.safetensors")
-            torch.save(
-                {
-                    "opt_actor": self.opt_actor.state_dict(),
-                    "opt_critic": self.opt_critic.state_dict(),
-                    "sched_actor": self.sched_actor.state_dict(),
-                    "sched_critic": self.sched_critic.state_dict(),
-                },
-                tmp / "optim.pt",
-            )
+            if critic_state is None:
+                acc.unwrap_model(self.critic).save(tmp / "critic.safetensors")
+            else:
+                save_file({k: v.contiguous() for k, v in critic_state.items()}, str(tmp / "critic.safetensors"))
+            # Under DeepSpeed the optimizer states are in deepspeed/ (one shard per process).
+            optim = {} if self._zero is not None else {
+                "opt_actor": self.opt_actor.state_dict(), "opt_critic": self.opt_critic.state_dict()
+            }
+            optim |= {"sched_actor": self.sched_actor.state_dict(), "sched_critic": self.sched_critic.state_dict()}
+            torch.save(optim, tmp / "optim.pt")
             torch.save(
                 {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                 tmp / "rng.pt",
@@ -437,8 +663,17 @@ class PPOTrainer:
             pointer_tmp.write_text(name)
             os.replace(pointer_tmp, self.ckpt_dir / "latest")
             self._prune_checkpoints()
+            log.info("checkpoint %s written", path)
         acc.wait_for_everyone()
         return path
+
+    def _save_policy(self, out: Path, state: dict[str, torch.Tensor] | None) -> None:
+        """The policy in Hugging Face format; ``state``: its full weights where they are sharded (ZeRO-3)."""
+        policy = self.accelerator.unwrap_model(self.policy)
+        if state is None:
+            policy.save_pretrained(out, safe_serialization=True)
+        else:
+            policy.save_pretrained(out, state_dict=state, safe_serialization=True)
 
     def _prune_checkpoints(self) -> None:
         done = sorted(p for p in self.ckpt_dir.glob("step-*") if not p.name.endswith(".tmp"))
@@ -446,6 +681,34 @@ class PPOTrainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
+        """Resume from ``path`` (every process reads it)."""
+        if self._zero is not None:
+            self._load_deepspeed(path)
+        else:
+            self._load_weights_and_optimizers(path)
+        optim = torch.load(path / "optim.pt", weights_only=False)
+        self.sched_actor.load_state_dict(optim["sched_actor"])
+        self.sched_critic.load_state_dict(optim["sched_critic"])
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
+        metrics = self.out_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process and metrics.is_file():
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    def _load_deepspeed(self, path: Path) -> None:
+        for tag, engine in (("actor", self.policy), ("critic", self.critic)):
+            loaded, _ = engine.load_checkpoint(str(path / "deepspeed"), tag=tag, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise RuntimeError(
+                    f"checkpoint {path} has no DeepSpeed state for the {tag} (was it written without DeepSpeed?); "
+                    f"delete {self.ckpt_dir} to start this phase afresh"
+                )
+
+    def _load_weights_and_optimizers(self, path: Path) -> None:
         acc = self.accelerator
         from safetensors.torch import load_file
 
@@ -462,24 +725,14 @@ class PPOTrainer:
         optim = torch.load(path / "optim.pt", weights_only=False)
         self.opt_actor.load_state_dict(optim["opt_actor"])
         self.opt_critic.load_state_dict(optim["opt_critic"])
-        self.sched_actor.load_state_dict(optim["sched_actor"])
-        self.sched_critic.load_state_dict(optim["sched_critic"])
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
-        metrics = self.out_dir / "metrics.jsonl"
-        if metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
 
     def _save_final(self, final: Path) -> Path:
         acc = self.accelerator
+        state = acc.get_state_dict(self.policy) if self._zero is not None else None  # a collective under ZeRO-3
         if acc.is_main_process:
             tmp = final.with_name("final.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            acc.unwrap_model(self.policy).save_pretrained(tmp, safe_serialization=True)
+            self._save_policy(tmp, state)
             self.tokenizer.save_pretrained(tmp)
             (tmp / "trainer_state.json").write_text(
                 json.dumps({"step": self.step, "run_key": self.run_key, "problems_hash": self.problems_hash})

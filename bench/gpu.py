@@ -1,0 +1,308 @@
+"""GPU benchmark on a model of DeepSeek-R1-Distill-Qwen-1.5B's shape: rollout engines and PPO steps.
+
+A Qwen2 with the 1.5B model's shape (hidden 1536, 28 layers, 12 heads, 2 KV heads,
+intermediate 8960, vocabulary 151936, untied embeddings: 1.78B parameters) and random
+weights is built on the device (no download; random weights almost never sample EOS,
+so every response runs to its token budget and the timings are of full-length
+decoding). Then, printing one JSON line per result as it goes:
+
+1. rollouts: ``training.generation.generate`` with transformers' ``generate``
+   (engine "hf") and with the project's KV engine (engine "kv",
+   training/kv_decode.py) on the same prompts (256 prompts of 256 tokens, 1024 new
+   tokens, one batch, T = 0.6), after a short warm-up each: generated tokens per
+   second and peak GPU memory; then a greedy token-equality check of the two
+   engines on a few short prompts;
+2. PPO: ``--ppo-steps`` steps of the project's PPOTrainer (rollout with the KV
+   engine, reference, critic, GAE, clipped policy and value update) on 8 prompts x
+   4 samples with 1024 new tokens, in bf16 with gradient checkpointing, in this
+   process (plain PyTorch); with ``--deepspeed CONFIG`` also under that accelerate
+   DeepSpeed config, started with ``accelerate launch --num_processes 1``: step
+   time, rollout and update time, tokens per second and peak GPU memory.
+
+Sized to finish within 5 minutes on one H100 (all of it, one command):
+
+    python -m bench.gpu --deepspeed infra/accelerate/deepspeed-zero2.yaml | tee gpu.jsonl
+
+``--tiny`` runs every part with small shapes on the CPU (a smoke test; the figures mean
+nothing). On a CPU the memory figure is the process's peak resident set instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # before anything imports tqdm
+
+import argparse
+import gc
+import importlib.util
+import json
+import logging
+import resource
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
+from concise_rl.problems import Problem
+from training.embedded import SPECIAL_TOKENS, build_tokenizer
+from training.generation import generate
+
+R1_DISTILL_1_5B = {  # config.json of deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
+    "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+    "intermediate_size": 8960, "vocab_size": 151936, "max_position_embeddings": 131072, "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+}
+TINY = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "intermediate_size": 128, "vocab_size": 512, "max_position_embeddings": 512, "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory allocated since the last reset, or on a CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return {"peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+    return {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """The project's byte-level BPE (Qwen2's layout) with no merges: one token per letter, so a prompt of
+    n letters is exactly n tokens. The model's other ids decode to nothing (they are never in a prompt)."""
+    return build_tokenizer([string.ascii_lowercase], 256 + len(SPECIAL_TOKENS))
+
+
+def random_model(shape: dict, tokenizer, device: torch.device, dtype: torch.dtype) -> Qwen2ForCausalLM:
+    config = Qwen2Config(**shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, use_sliding_window=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM._from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def random_prompts(n: int, length: int, seed: int = 0) -> list[str]:
+    gen = torch.Generator().manual_seed(seed)
+    letters = torch.randint(0, 26, (n, length), generator=gen)
+    return ["".join(string.ascii_lowercase[i] for i in row.tolist()) for row in letters]
+
+
+# ----------------------------------------------------------------- rollouts
+def bench_rollouts(model, tokenizer, args, device: torch.device) -> None:
+    prompts = random_prompts(args.prompts, args.prompt_tokens)
+    warm = prompts[: min(8, len(prompts))]
+    results = {}
+    for engine in args.engines:
+        kwargs = {"temperature": 0.6, "top_p": 1.0, "engine": engine}
+        generate(model, tokenizer, warm, max_new_tokens=8, batch_size=len(warm), **kwargs)  # kernels, allocator
+        torch.manual_seed(1)
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        gen = generate(model, tokenizer, prompts, max_new_tokens=args.new_tokens, batch_size=args.batch_size, **kwargs)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        tokens = int(gen.lengths.sum())
+        results[engine] = tokens / seconds
+        emit(stage="rollout", engine=engine, prompts=len(prompts), prompt_tokens=args.prompt_tokens,
+             max_new_tokens=args.new_tokens, batch_size=args.batch_size, generated_tokens=tokens,
+             seconds=round(seconds, 2), tokens_per_s=round(tokens / seconds, 1), **peak_memory(device))
+        del gen
+    if {"hf", "kv"} <= results.keys():
+        emit(stage="rollout", speedup_kv_over_hf=round(results["kv"] / results["hf"], 2))
+        check = prompts[:8]
+        greedy = {e: generate(model, tokenizer, check, temperature=0.0, max_new_tokens=32, batch_size=len(check),
+                              engine=e) for e in ("hf", "kv")}
+        same = (greedy["hf"].response_ids * greedy["hf"].response_mask) == (
+            greedy["kv"].response_ids * greedy["kv"].response_mask)
+        # Random weights give near-uniform logits, so in bf16 a near-tie can break either way and the
+        # rows part there: the common prefix says how far they agree.
+        emit(stage="greedy_check", new_tokens=32, rows_identical=f"{int(same.all(1).sum())}/{len(check)}",
+             mean_common_prefix=float(same.long().cumprod(1).sum(1).float().mean()),
+             dtype=str(next(model.parameters()).dtype))
+
+
+# ----------------------------------------------------------------- PPO
+def ppo_settings(args) -> tuple[PPOConfig, ModelConfig, PromptConfig]:
+    rollouts = args.ppo_prompts * args.ppo_samples
+    ppo = PPOConfig(
+        steps=args.ppo_steps, prompts_per_step=args.ppo_prompts, samples_per_prompt=args.ppo_samples,
+        mini_batch_size=rollouts, micro_batch_size=args.ppo_micro_batch, max_new_tokens=args.ppo_new_tokens,
+        warmup_ratio=0.0, checkpoint_every=args.ppo_steps,
+    )
+    model = ModelConfig(dtype=args.dtype, gradient_checkpointing=not args.tiny, generation_engine="kv")
+    prompt = PromptConfig(instruction="", use_chat_template=False, max_prompt_tokens=args.prompt_tokens)
+    return ppo, model, prompt
+
+
+def bench_ppo(model_dir: Path, args, mode: str) -> None:
+    """PPO steps in this process: plain PyTorch, or DeepSpeed when started by `accelerate launch` with it."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from training.trainer import PPOTrainer
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available():
+        acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])  # DeepSpeed's CPU accelerator
+    else:
+        acc = Accelerator(cpu=args.device == "cpu")
+    ppo, model_cfg, prompt = ppo_settings(args)
+    texts = random_prompts(args.ppo_prompts * 2, args.prompt_tokens, seed=1)
+    problems = [Problem(id=str(i), prompt=t, answer="0", source="bench") for i, t in enumerate(texts)]
+    model_cfg = model_cfg.model_copy(update={"name_or_path": str(model_dir)})
+    trainer = PPOTrainer(policy_path=str(model_dir), problems=problems, out_dir=model_dir.parent / f"ppo-{mode}",
+                         ppo_cfg=ppo, model_cfg=model_cfg, prompt_cfg=prompt, reward_cfg=RewardConfig(),
+                         accelerator=acc)
+    device = acc.device
+    t0 = time.perf_counter()
+    trainer._build()
+    if acc.is_main_process:
+        emit(stage="ppo", mode=mode, build_s=round(time.perf_counter() - t0, 1), processes=acc.num_processes,
+             **peak_memory(device))
+    for step in range(ppo.steps):
+        torch.manual_seed(ppo.seed * 100_003 + step)
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        rollout, metrics = trainer._rollout(step)
+        sync(device)
+        t1 = time.perf_counter()
+        metrics |= trainer._update(rollout)
+        sync(device)
+        t2 = time.perf_counter()
+        if acc.is_main_process:
+            emit(stage="ppo", mode=mode, step=step + 1, rollouts=ppo.prompts_per_step * ppo.samples_per_prompt,
+                 max_new_tokens=ppo.max_new_tokens, generated_tokens=int(metrics["generated_tokens"]),
+                 step_time_s=round(t2 - t0, 2), rollout_time_s=round(t1 - t0, 2), update_time_s=round(t2 - t1, 2),
+                 tokens_per_s=round(metrics["generated_tokens"] / (t2 - t0), 1),
+                 policy_loss=metrics["policy_loss"], value_loss=metrics["value_loss"], **peak_memory(device))
+    acc.wait_for_everyone()
+    # Give the GPU back before a DeepSpeed run starts in another process.
+    trainer.policy = trainer.critic = trainer.ref = trainer.opt_actor = trainer.opt_critic = None
+    acc.free_memory()
+    acc.end_training()  # a DeepSpeed child leaves its process group before it exits
+
+
+def launch_deepspeed(config: Path, model_dir: Path, args) -> None:
+    """The PPO part again, in a child started by `accelerate launch` with the DeepSpeed config."""
+    mode = f"deepspeed:{config.stem}"
+    if importlib.util.find_spec("deepspeed") is None:
+        emit(stage="ppo", mode=mode, skipped="deepspeed is not installed (pip install -e '.[gpu]')")
+        return
+    forwarded = ["--device", args.device, "--dtype", args.dtype, "--prompt-tokens", str(args.prompt_tokens),
+                 "--ppo-steps", str(args.ppo_steps), "--ppo-prompts", str(args.ppo_prompts),
+                 "--ppo-samples", str(args.ppo_samples), "--ppo-new-tokens", str(args.ppo_new_tokens),
+                 "--ppo-micro-batch", str(args.ppo_micro_batch)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1",
+           "--main_process_port", str(args.port), "-m", "bench.gpu", "--ppo-only", str(model_dir), "--mode", mode,
+           *forwarded, *(["--tiny"] if args.tiny else [])]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            print(line, flush=True)
+    if done.returncode != 0:
+        emit(stage="ppo", mode=mode, failed=done.returncode, stderr_tail=done.stderr[-3000:])
+    else:
+        emit(stage="ppo", mode=mode, launch_total_s=round(time.perf_counter() - t0, 1))
+
+
+# ----------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a smoke run")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available, cpu with --tiny)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--prompts", type=int, help="rollout prompts (default 256; --tiny 8)")
+    parser.add_argument("--prompt-tokens", type=int, help="tokens per prompt (default 256; --tiny 16)")
+    parser.add_argument("--new-tokens", type=int, help="new tokens per rollout response (default 1024; --tiny 16)")
+    parser.add_argument("--batch-size", type=int, help="rollout prompts per batch (default: all in one)")
+    parser.add_argument("--engines", default="hf,kv", help="rollout engines to time, in order (default hf,kv)")
+    parser.add_argument("--ppo-steps", type=int, default=2, help="PPO steps per mode (default 2; 0: no PPO)")
+    parser.add_argument("--ppo-prompts", type=int, help="PPO prompts per step (default 8; --tiny 2)")
+    parser.add_argument("--ppo-samples", type=int, help="PPO samples per prompt (default 4; --tiny 2)")
+    parser.add_argument("--ppo-new-tokens", type=int, help="PPO response budget (default 1024; --tiny 8)")
+    parser.add_argument("--ppo-micro-batch", type=int, help="rollouts per forward/backward (default 4; --tiny 2)")
+    parser.add_argument("--deepspeed", type=Path, action="append", default=[], metavar="CONFIG",
+                        help="also run the PPO steps under this accelerate DeepSpeed config (repeatable)")
+    parser.add_argument("--port", type=int, default=29561, help="rendezvous port of the DeepSpeed child")
+    parser.add_argument("--work", type=Path, help="where the random model is saved for PPO (default: a temp dir)")
+    parser.add_argument("--ppo-only", type=Path, metavar="MODEL_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="plain", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    tiny = args.tiny
+    defaults = {"prompts": 8 if tiny else 256, "prompt_tokens": 16 if tiny else 256, "new_tokens": 16 if tiny else 1024,
+                "ppo_prompts": 2 if tiny else 8, "ppo_samples": 2 if tiny else 4, "ppo_new_tokens": 8 if tiny else 1024,
+                "ppo_micro_batch": 2 if tiny else 4}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.batch_size = args.batch_size or args.prompts
+    args.engines = [e for e in args.engines.split(",") if e]
+    args.shape = TINY if tiny else R1_DISTILL_1_5B
+    if min(args.prompts, args.prompt_tokens, args.new_tokens, args.batch_size) < 1 or args.ppo_steps < 0:
+        parser.error("sizes must be at least 1 (--ppo-steps at least 0)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if args.ppo_only is not None:
+        bench_ppo(args.ppo_only, args, args.mode)
+        return
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    tokenizer = char_tokenizer()
+    model = random_model(args.shape, tokenizer, device, DTYPES[args.dtype])
+    emit(stage="setup", device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+         dtype=args.dtype, parameters=sum(p.numel() for p in model.parameters()), shape=args.shape,
+         torch=torch.__version__, transformers=transformers.__version__, build_s=round(time.perf_counter() - start, 1))
+    bench_rollouts(model, tokenizer, args, device)
+    if args.ppo_steps:
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=args.work) as tmp:
+            model_dir = Path(tmp) / "model"
+            model.save_pretrained(model_dir)
+            tokenizer.save_pretrained(model_dir)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            bench_ppo(model_dir, args, "plain")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                emit(stage="ppo", mode="plain", still_allocated_gb=round(torch.cuda.memory_allocated(device) / 2**30, 2))
+            for config in args.deepspeed:
+                launch_deepspeed(config, model_dir, args)
+    emit(stage="done", total_s=round(time.perf_counter() - start, 1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""bench/gpu.py runs every part on the CPU with --tiny: both rollout engines, the greedy check, PPO steps,
+and the DeepSpeed part (its steps where deepspeed is installed, else a line saying it was skipped)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_bench_smoke_run_on_the_cpu(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--tiny", "--work", str(tmp_path), "--port", "29577",
+         "--deepspeed", "infra/accelerate/deepspeed-zero2.yaml"],
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    stages = [x["stage"] for x in lines]
+    assert stages[0] == "setup" and stages[-1] == "done"
+    assert lines[0]["device"] == "cpu" and lines[0]["parameters"] > 0
+
+    rollouts = {x["engine"]: x for x in lines if x["stage"] == "rollout" and "engine" in x}
+    assert rollouts.keys() == {"hf", "kv"}
+    for r in rollouts.values():
+        assert r["prompts"] == 8 and r["prompt_tokens"] == 16
+        assert 0 < r["generated_tokens"] <= 8 * 16 and r["tokens_per_s"] > 0 and r["peak_rss_gb"] > 0
+    assert any("speedup_kv_over_hf" in x for x in lines)
+    assert next(x for x in lines if x["stage"] == "greedy_check")["rows_identical"] == "8/8"
+
+    plain = [x for x in lines if x["stage"] == "ppo" and x["mode"] == "plain" and "step" in x]
+    assert [x["step"] for x in plain] == [1, 2]
+    for x in plain:
+        assert x["rollouts"] == 4 and x["step_time_s"] >= x["rollout_time_s"] > 0
+        assert math.isfinite(x["policy_loss"]) and math.isfinite(x["value_loss"])
+
+    deepspeed = [x for x in lines if x["stage"] == "ppo" and x["mode"] == "deepspeed:deepspeed-zero2"]
+    assert deepspeed and not any("failed" in x for x in deepspeed), deepspeed
+    if not any("skipped" in x for x in deepspeed):
+        assert [x["step"] for x in deepspeed if "step" in x] == [1, 2]
+    assert not list(tmp_path.iterdir()), "the saved model is removed at the end"
