@@ -215,7 +215,7 @@ def test_overrides_do_not_touch_the_file():
     before = DEMO.read_text()
     load_config(DEMO, ["ppo.lam=0.5"])
     assert DEMO.read_text() == before
-    assert load_config(DEMO).ppo.lam == 0.95
+    assert load_config(DEMO).ppo.lam == 1.0  # the demo file says 1.0; the override did not stick
 
 
 # ----------------------------------------------------------------------------- phase overrides
@@ -224,7 +224,7 @@ def test_ppo_for_merges_the_phase_override():
     p1, p2 = cfg.ppo_for("phase1"), cfg.ppo_for("phase2")
     assert (p2.steps, p2.kl_coef) == (5, 0.0)
     # Everything else comes from the shared section.
-    assert p2.lam == cfg.ppo.lam == 0.95
+    assert p2.lam == cfg.ppo.lam == 1.0
     assert p2.actor_lr == cfg.ppo.actor_lr == 2.0e-5
     # Phase 1 has no override; the shared section is untouched.
     assert p1 == cfg.ppo
@@ -291,10 +291,10 @@ def test_config_hash_is_stable_across_loads():
 
 def test_config_hash_changes_with_a_field():
     base = load_config(DEMO).config_hash()
-    assert load_config(DEMO, ["ppo.lam=1.0"]).config_hash() != base
+    assert load_config(DEMO, ["ppo.lam=0.95"]).config_hash() != base
     assert load_config(DEMO, ["phase2.ppo.steps=21"]).config_hash() != base
     # Setting a field to the value it already has changes nothing.
-    assert load_config(DEMO, ["ppo.lam=0.95"]).config_hash() == base
+    assert load_config(DEMO, ["ppo.lam=1.0"]).config_hash() == base
 
 
 def test_config_hash_differs_between_shipped_configs():
