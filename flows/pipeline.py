@@ -4,6 +4,12 @@ The flow only composes tasks; each task is a stage from tasks/stages.py and pass
 URIs (``models:/NAME/VERSION``) and paths, never live models. Registration and
 evaluation talk to the registry and the disk, so they retry; training resumes from
 its last checkpoint when retried.
+
+Only one pipeline runs at a time per registered model and home folder
+(:func:`concise_rl.locking.registry_lock`); a second one fails at once with a
+message naming the first. ``git_sha`` (set by CI-triggered runs, see
+``concise-rl retrain``) is recorded on every stage's MLflow run, on every version
+the run registers (tag ``git_sha``) and in the summary.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from concise_rl.config import load_config
+from concise_rl.locking import registry_lock
 from evaluation import grader
 from tasks import stages
 
@@ -26,10 +33,19 @@ promote = task(stages.promote, name="promote", retries=2, retry_delay_seconds=5,
 
 
 @flow(name="concise-rl-pipeline")
-def pipeline(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
-    """Run every stage in order and return the summary (the gate's verdict included)."""
+def pipeline(config_path: str | None = None, overrides: list[str] | None = None, git_sha: str | None = None) -> dict:
+    """Run every stage in order and return the summary (the gate's verdict included).
+
+    ``git_sha``: the commit that triggered this run (CI passes ``$GITHUB_SHA``).
+    """
     cfg = load_config(config_path, overrides or [])
     grader.configure(cfg.grader.workers, cfg.grader.timeout_s)
+    with registry_lock(cfg.registry.model_name, f"pipeline flow ({config_path or 'built-in defaults'})"), \
+            stages.run_tags(git_sha=git_sha):
+        return _stages(cfg)
+
+
+def _stages(cfg) -> dict:
     base = prepare_base(cfg)
     curated = curate(cfg, base["uri"])
     models = {"base": base}

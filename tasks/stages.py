@@ -8,11 +8,14 @@ whose output for the same inputs already exists returns it instead of redoing it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,25 @@ log = logging.getLogger(__name__)
 
 PHASE_TAG = {"base": "base", "phase1": "1", "phase2": "2"}
 PHASE_ALIAS = {"base": "base", "phase1": "phase1", "phase2": "candidate"}
+
+# Tags of the run that triggered the stages (e.g. the CI commit, ``git_sha``): put on
+# every stage's MLflow run and on every version registered while they are set.
+_RUN_TAGS: ContextVar[dict[str, str]] = ContextVar("concise_rl_run_tags", default={})
+
+
+@contextlib.contextmanager
+def run_tags(**tags: str | None) -> Iterator[dict[str, str]]:
+    """Tag every stage run and newly registered version inside the block (empty values are left out)."""
+    merged = {**_RUN_TAGS.get(), **{k: str(v) for k, v in tags.items() if v}}
+    token = _RUN_TAGS.set(merged)
+    try:
+        yield merged
+    finally:
+        _RUN_TAGS.reset(token)
+
+
+def _stage_run(cfg: PipelineConfig, stage: str, **tags: str):
+    return tracking.stage_run(cfg, stage, **{**_RUN_TAGS.get(), **tags})
 
 
 def gate_failures(summary: dict) -> str:
@@ -108,7 +130,7 @@ def prepare_base(cfg: PipelineConfig) -> dict[str, str]:
         log.info("base model already registered as version %s", existing.version)
         client.set_registered_model_alias(cfg.registry.model_name, PHASE_ALIAS["base"], existing.version)
         return _version_info(existing)
-    with tracking.stage_run(cfg, "base"):
+    with _stage_run(cfg, "base"):
         if is_embedded(cfg.model):
             model_dir = build_embedded_model(embedded_dir(cfg.model), cfg.model.embedded, cfg.prompt, seed=cfg.seed)
         elif Path(source).expanduser().is_dir():
@@ -120,7 +142,8 @@ def prepare_base(cfg: PipelineConfig) -> dict[str, str]:
         checkpoint_uri, pin = _store_checkpoint(cfg, model_dir, "base")
         version = tracking.register_model_dir(
             client, cfg, model_dir, phase="base", parent_version=None, problems_hash=None,
-            checkpoint_uri=checkpoint_uri, tags={"source_key": source_key, "name_or_path": source, **pin},
+            checkpoint_uri=checkpoint_uri, tags={"source_key": source_key, "name_or_path": source, **pin,
+                                                  **_RUN_TAGS.get()},
         )
         client.set_registered_model_alias(cfg.registry.model_name, PHASE_ALIAS["base"], version.version)
     return _version_info(version)
@@ -142,7 +165,7 @@ def curate(cfg: PipelineConfig, model_uri: str) -> str:
         log.info("curation already done in %s", out)
         _point_latest(out)
         return str(out)
-    with tracking.stage_run(cfg, "curate", model_uri=model_uri):
+    with _stage_run(cfg, "curate", model_uri=model_uri):
         model_dir = tracking.resolve_model_uri(model_uri)
         tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, prompt=cfg.prompt)
         model = load_policy(model_dir, cfg.model, device=device(cfg))
@@ -232,7 +255,7 @@ def train_phase(
         return str(done)
     if not acc.is_main_process:
         return str(trainer.train())
-    with tracking.stage_run(cfg, f"train-{phase}", phase=phase, model_uri=model_uri) as run:
+    with _stage_run(cfg, f"train-{phase}", phase=phase, model_uri=model_uri) as run:
         mlflow.log_params({"phase_problems": len(problems), "phase_ppo": json.dumps(ppo_cfg.model_dump(mode="json"))})
         final = trainer.train()
         metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
@@ -260,13 +283,13 @@ def register(cfg: PipelineConfig, phase: str, model_dir: str, parent: dict[str, 
         parent_version=parent["version"],
     )
     if existing is None:
-        with tracking.stage_run(cfg, f"register-{phase}", phase=phase):
+        with _stage_run(cfg, f"register-{phase}", phase=phase):
             checkpoint_uri, pin = _store_checkpoint(cfg, Path(model_dir), phase)
             existing = tracking.register_model_dir(
                 client, cfg, Path(model_dir), phase=PHASE_TAG[phase], parent_version=parent["version"],
                 # A final folder written before the trainer recorded the hash has none.
                 problems_hash=state.get("problems_hash", "unknown"), checkpoint_uri=checkpoint_uri,
-                tags={"run_key": state["run_key"], "ppo_steps": str(state["step"]), **pin},
+                tags={"run_key": state["run_key"], "ppo_steps": str(state["step"]), **pin, **_RUN_TAGS.get()},
             )
     client.set_registered_model_alias(cfg.registry.model_name, PHASE_ALIAS[phase], existing.version)
     return _version_info(existing)
@@ -310,7 +333,7 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
     key = stable_hash({"eval": cfg.evaluation.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(),
                        "sets": {k: problems_hash(v) for k, v in sets.items()}, "seed": cfg.seed})
     results: dict[str, dict] = {}
-    with tracking.stage_run(cfg, "evaluate"):
+    with _stage_run(cfg, "evaluate"):
         for label, info in models.items():
             out = _evaluation_dir(cfg, info, key)
             summary_file = out / "summary.json"
@@ -367,7 +390,7 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
     candidate, parent = results["phase2"], results[parent_label]
     verdict = evaluate_gate(candidate["eval"], parent["eval"], cfg.gate)
     reductions = length_reductions(candidate["eval"], parent["eval"])
-    with tracking.stage_run(cfg, "promote", candidate_version=candidate["version"]) as run:
+    with _stage_run(cfg, "promote", candidate_version=candidate["version"]) as run:
         version = candidate["version"]
         client.set_model_version_tag(name, version, "gate", "passed" if verdict["passed"] else "failed")
         if verdict["passed"]:
@@ -390,6 +413,7 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
             "models": {label: {"version": r["version"], "eval": r["eval"]} for label, r in results.items()},
             "length_reduction_pct": reductions,
             "gate": verdict,
+            "git_sha": _RUN_TAGS.get().get("git_sha"),
         }
         tracking.log_metrics({"gate_passed": float(verdict["passed"])})
         mlflow.log_dict(summary, "summary.json")
