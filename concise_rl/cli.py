@@ -1,8 +1,8 @@
 """``concise-rl``: the whole pipeline (``run``) or one stage at a time.
 
 Exit codes: 0 success; 2 bad input (config, data, model path) with a message that
-says what to change; 3 the phase-2 candidate failed the promotion gate; 1 anything
-else.
+says what to change; 3 the phase-2 candidate failed the promotion gate; 4 another
+pipeline holds the registry lock of the same model; 1 anything else.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from concise_rl import paths
 
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
+EXIT_BUSY = 4
 
 DESCRIPTION = """\
 Two-phase PPO post-training that makes a reasoning model concise without losing
@@ -32,6 +33,8 @@ accuracy (Fatemi et al., "Concise Reasoning via Reinforcement Learning").
   promote    gate the phase-2 candidate against its parent and move 'champion'
   ablate     phase 2 side by side: lambda, loss aggregation, GRPO, pass-rate bands
   grade      grade a JSONL file of responses with the project's grader
+  deploy     apply the Prefect deployments of infra/prefect.yaml (and their work pool)
+  retrain    trigger a deployment run (CI: --param git_sha=$GITHUB_SHA --wait)
 
 State lives under ./.concise-rl (or $CONCISE_RL_HOME): mlflow.db, mlartifacts/,
 checkpoints/phase1|phase2, curation/, evaluations/, reports/latest/summary.json.
@@ -45,8 +48,11 @@ examples:
   concise-rl evaluate --config configs/demo.yaml
   concise-rl ablate --config configs/demo.yaml --variants ppo-lam1.0-seq-mean-token-mean,grpo-dapo
   concise-rl grade responses.jsonl -o graded.jsonl --response-field response --answer-field answer
+  PREFECT_API_URL=http://127.0.0.1:4200/api concise-rl deploy --pool gpu
+  PREFECT_API_URL=http://127.0.0.1:4200/api concise-rl retrain --deployment retrain --param git_sha=abc123 --wait
 
-exit codes: 0 ok, 1 error, 2 bad input (the message names it), 3 gate failed
+exit codes: 0 ok, 1 error, 2 bad input (the message names it), 3 gate failed,
+4 another pipeline is running against the same registered model
 """
 
 
@@ -276,6 +282,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override one config field, repeatable (e.g. --set grader.timeout_s=10)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+
+    p = sub.add_parser("deploy", help="apply the Prefect deployments (retraining, evaluation) and their work pool",
+                       description="Create the work pool when it is missing, then apply every deployment of a "
+                                   "prefect.yaml project file (default infra/prefect.yaml: 'retrain', the pipeline "
+                                   "on a weekly cron schedule, and 'evaluate', evaluation only) to the Prefect "
+                                   "server in $PREFECT_API_URL. Workers then run them: "
+                                   "`prefect worker start --pool gpu`.")
+    p.add_argument("--config-file", metavar="FILE", help="prefect.yaml project file (default: infra/prefect.yaml)")
+    p.add_argument("--pool", metavar="NAME", help="work pool of every deployment (default: the file's, 'gpu')")
+    p.add_argument("--pool-type", choices=("process", "kubernetes"), default="process",
+                   help="type of a work pool that has to be created: process (default; job variables pin "
+                        "CUDA_VISIBLE_DEVICES) or kubernetes (base job template infra/k8s-gpu-job-template.json, "
+                        "nvidia.com/gpu: 1 per run)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+
+    p = sub.add_parser("retrain", help="trigger a run of a deployment, optionally waiting for its final state",
+                       description="Start a run of a deployment on the Prefect server in $PREFECT_API_URL with "
+                                   "parameters. With --wait, print its states until it is terminal and exit 0 "
+                                   "when it completed, 1 when it failed, crashed or was cancelled, or is still "
+                                   "running after --timeout. CI runs: concise-rl retrain --deployment retrain "
+                                   "--param git_sha=$GITHUB_SHA --wait")
+    p.add_argument("--deployment", required=True, metavar="[FLOW/]NAME",
+                   help="deployment name; without FLOW/, one of the pipeline flow (concise-rl-pipeline)")
+    p.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                   help="a flow parameter, repeatable; values are YAML except for string-only parameters "
+                        "(e.g. --param git_sha=$GITHUB_SHA --param 'overrides=[ppo.steps=10]')")
+    p.add_argument("--wait", action="store_true", help="wait until the run is terminal; exit 0 only if Completed")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long (exit 1)")
+    p.add_argument("--poll", type=float, default=5.0, metavar="SECONDS", help="with --wait: poll interval (5)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return parser
 
 
@@ -363,7 +399,18 @@ def _gate_exit(summary: dict) -> int:
     return EXIT_GATE_FAILED
 
 
+def _registry_lock(cfg, what: str):
+    from concise_rl.locking import registry_lock
+
+    return registry_lock(cfg.registry.model_name, what)
+
+
 def _cmd_curate(args, cfg) -> int:
+    with _registry_lock(cfg, "concise-rl curate"):
+        return _curate(args, cfg)
+
+
+def _curate(args, cfg) -> int:
     from tasks import stages
 
     model = _explicit_model(cfg, args.model) if args.model else stages.prepare_base(cfg)
@@ -382,10 +429,12 @@ def _cmd_train(args, cfg) -> int:
         with acc.main_process_first():  # under `accelerate launch`, one process at a time reads the registry
             start = _explicit_model(cfg, args.model) if args.model else _alias_uri(cfg, default_alias)
             problems = args.problems or str(_latest_curation() / f"{phase}.jsonl")
-        final = stages.train_phase(cfg, phase, start["uri"], problems, acc)
         if not acc.is_main_process:
+            stages.train_phase(cfg, phase, start["uri"], problems, acc)
             return 0
-        registered = stages.register(cfg, phase, final, start)
+        with _registry_lock(cfg, f"concise-rl train --phase {args.phase}"):
+            final = stages.train_phase(cfg, phase, start["uri"], problems, acc)
+            registered = stages.register(cfg, phase, final, start)
         print(f"{phase} trained: {final}; registered as {registered['uri']}")
         return 0
     finally:
@@ -484,7 +533,8 @@ def _cmd_promote(args, cfg) -> int:
     models = {"base": _alias_uri(cfg, "base"), "phase2": _alias_uri(cfg, "candidate")}
     if cfg.phase1.enabled:
         models["phase1"] = _alias_uri(cfg, "phase1")
-    summary = stages.promote(cfg, stages.evaluate(cfg, models), parent_label=parent_alias)
+    with _registry_lock(cfg, "concise-rl promote"):
+        summary = stages.promote(cfg, stages.evaluate(cfg, models), parent_label=parent_alias)
     print_summary(summary)
     return _gate_exit(summary)
 
@@ -529,6 +579,23 @@ def _cmd_grade(args, cfg) -> int:
     return 0
 
 
+def _cmd_deploy(args) -> int:
+    from concise_rl.deploy import deploy
+
+    for d in deploy(args.config_file and Path(args.config_file), pool=args.pool, pool_type=args.pool_type):
+        schedules = ", ".join(d["schedules"]) or "no schedule (on demand)"
+        print(f"deployment {d['name']} ({d['id']}) on work pool {d['work_pool']!r}: {schedules}")
+    return 0
+
+
+def _cmd_retrain(args) -> int:
+    from concise_rl.deploy import trigger
+
+    return trigger(args.deployment, args.params, wait=args.wait, timeout_s=args.timeout, poll_s=args.poll)
+
+
+PREFECT_COMMANDS = {"deploy": _cmd_deploy, "retrain": _cmd_retrain}
+
 COMMANDS = {"run": _cmd_run, "curate": _cmd_curate, "train": _cmd_train, "evaluate": _cmd_evaluate,
             "compare": _cmd_compare, "promote": _cmd_promote, "ablate": _cmd_ablate, "grade": _cmd_grade}
 
@@ -554,7 +621,20 @@ def main(argv: list[str] | None = None) -> int:
     _setup_environment()
     from concise_rl.config import load_config
     from concise_rl.errors import ConfigError, CurationError, ModelLoadError, ProblemLoadError
+    from concise_rl.locking import RegistryBusyError
     from concise_rl.store import StoreError
+
+    if args.command in PREFECT_COMMANDS:
+        from concise_rl.deploy import DeployError
+
+        try:
+            return PREFECT_COMMANDS[args.command](args)
+        except (ConfigError, LookupError) as exc:
+            print(f"concise-rl {args.command}: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except DeployError as exc:
+            print(f"concise-rl {args.command}: {exc}", file=sys.stderr)
+            return 1
 
     bad_input = (ConfigError, ProblemLoadError, ModelLoadError, CurationError, LookupError, FileNotFoundError)
     try:
@@ -567,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     except bad_input as exc:
         print(f"concise-rl {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RegistryBusyError as exc:
+        print(f"concise-rl {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except StoreError as exc:  # the store is unreachable or holds a bad copy: its message says what to check
         print(f"concise-rl {args.command}: artifact store: {exc}", file=sys.stderr)
         return 1
