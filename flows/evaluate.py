@@ -41,7 +41,7 @@ def evaluate_models(models: dict[str, str], config_path: str | None = None, over
                     git_sha: str | None = None) -> dict:
     """Evaluate each ``{label: uri}`` on the config's evaluation sets; returns per-model metrics and the report."""
     if not models:
-        raise ValueError("models: give at least one {label: uri}, e.g. {\\"champion\\": \\"models:/NAME@champion\\"}")
+        raise ValueError('models: give at least one {label: uri}, e.g. {"champion": "models:/NAME@champion"}')
     cfg = load_config(config_path, overrides or [])
     grader.configure(cfg.grader.workers, cfg.grader.timeout_s)
     with stages.run_tags(git_sha=git_sha):
