@@ -204,8 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole two-phase pipeline as a Prefect flow",
                        description="Run every stage in order as one Prefect flow and print the summary table. "
                                    "Finished stages are reused; an interrupted PPO phase resumes from its last "
-                                   "checkpoint. Exits 3 when the phase-2 candidate fails the gate.")
+                                   "checkpoint. Exits 3 when the phase-2 candidate fails the gate, 4 when another "
+                                   "pipeline is running against the same registered model.")
     _common(p)
+    p.add_argument("--git-sha", metavar="SHA", help="the commit that triggered this run: recorded as the tag git_sha "
+                   "on every MLflow run and registered version of the run, and in the summary")
 
     p = sub.add_parser("curate", help="measure pass rates and pick the phase-1/phase-2 problem sets",
                        description="Sample k responses per candidate problem from the model, estimate pass rates, "
@@ -384,7 +387,10 @@ def _latest_curation(hint: str = "run `concise-rl curate` first or pass --proble
 def _cmd_run(args, cfg) -> int:
     from flows.pipeline import pipeline
 
-    summary = pipeline(config_path=args.config, overrides=args.overrides)
+    # Taken here too (the flow takes it again, re-entrantly), so a second run stops
+    # before it starts Prefect's temporary server.
+    with _registry_lock(cfg, f"concise-rl run ({args.config or 'built-in defaults'})"):
+        summary = pipeline(config_path=args.config, overrides=args.overrides, git_sha=args.git_sha)
     print_summary(summary)
     return _gate_exit(summary)
 

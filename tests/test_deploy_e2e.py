@@ -152,9 +152,9 @@ def test_ci_retrain_runs_the_deployment_on_a_worker_and_registers_with_the_sha(t
 def test_a_second_pipeline_on_the_same_registry_stops_with_a_clear_message(tmp_path: Path, processes) -> None:
     home = tmp_path / "home"
 
-    def run(name: str) -> subprocess.Popen:
+    def run(name: str, *extra: str) -> subprocess.Popen:
         args = [sys.executable, "-m", "concise_rl.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml")]
-        for item in [*TINY, *PERMISSIVE]:
+        for item in [*TINY, *PERMISSIVE, *extra]:
             args += ["--set", item]
         env = {**os.environ, "CONCISE_RL_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
                "PREFECT_HOME": str(tmp_path / f"prefect-{name}")}  # each its own ephemeral server
@@ -166,7 +166,7 @@ def test_a_second_pipeline_on_the_same_registry_stops_with_a_clear_message(tmp_p
         except (OSError, ValueError):  # not there yet, or being written
             return None
 
-    first = run("first")
+    first = run("first", "phase2.ppo.steps=30")  # long enough to be running when the second starts
     deadline = time.monotonic() + 300
     while (locking_holder() or {}).get("pid") != first.pid:
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
