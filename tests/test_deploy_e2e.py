@@ -147,6 +147,17 @@ def test_ci_retrain_runs_the_deployment_on_a_worker_and_registers_with_the_sha(t
     ours = [r for r in flow_runs if r["parameters"].get("git_sha") == SHA]
     assert len(ours) == 1 and ours[0]["state"]["type"] == "COMPLETED"
 
+    # The evaluation-only deployment, on the champion just promoted (its evaluation is cached).
+    evaluation = subprocess.run([sys.executable, "-m", "concise_rl.cli", "retrain", "--deployment",
+                                 "concise-rl-evaluate/evaluate", "--param", f'models={{champion: "models:/{MODEL}@champion"}}',
+                                 "--param", "git_sha=eval-check", "--wait", "--timeout", "300", "--poll", "2"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert evaluation.returncode == 0, evaluation.stdout[-3000:] + evaluation.stderr[-3000:]
+    assert sorted(versions(home)) == ["1", "2", "3"], "evaluation registers nothing"
+    eval_runs = client.search_runs([client.get_experiment_by_name("concise-rl-demo").experiment_id],
+                                   "tags.git_sha = 'eval-check'")
+    assert [r.data.tags["stage"] for r in eval_runs] == ["evaluate"]
+
 
 @pytest.mark.slow
 def test_a_second_pipeline_on_the_same_registry_stops_with_a_clear_message(tmp_path: Path, processes) -> None:
