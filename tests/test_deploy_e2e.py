@@ -158,6 +158,15 @@ def test_ci_retrain_runs_the_deployment_on_a_worker_and_registers_with_the_sha(t
                                    "tags.git_sha = 'eval-check'")
     assert [r.data.tags["stage"] for r in eval_runs] == ["evaluate"]
 
+    # A run that fails on the worker makes the CI command fail, with the state printed.
+    failing = subprocess.run([sys.executable, "-m", "concise_rl.cli", "retrain", "--deployment", "retrain",
+                              "--param", "git_sha=bad-config", "--param", "overrides=[ppo.no_such_key=1]",
+                              "--wait", "--timeout", "300", "--poll", "2"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert failing.returncode == 1, failing.stdout[-3000:] + failing.stderr[-3000:]
+    assert "Failed" in failing.stdout.splitlines()[-1]
+    assert alias(home, "champion") == "3"
+
 
 @pytest.mark.slow
 def test_a_second_pipeline_on_the_same_registry_stops_with_a_clear_message(tmp_path: Path, processes) -> None:
