@@ -13,7 +13,9 @@ import contextlib
 import json
 import logging
 import math
+import re
 import subprocess
+from datetime import datetime, timezone
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -165,3 +167,54 @@ def resolve_model_uri(uri: str) -> str:
 
 def model_uri(name: str, version: str) -> str:
     return f"models:/{name}/{version}"
+
+
+_EVAL_TAG = re.compile(r"^eval\.(?P<set>.+?)\.T(?P<t>\d+(?:\.\d+)?)\.(?P<figure>[a-z_]+)$")
+
+
+def read_client(cfg: PipelineConfig) -> MlflowClient:
+    """A client on the configured store that creates no experiment (for read-only commands)."""
+    uri = tracking_uri(cfg)
+    if not cfg.registry.tracking_uri:
+        paths.home().mkdir(parents=True, exist_ok=True)
+    return MlflowClient(uri, uri)
+
+
+def describe_versions(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """Every version of the config's registered model, oldest first: aliases, lineage, gate verdict and recorded figures.
+
+    ``eval`` holds the ``eval.<set>.T<t>.<figure>`` tags a promoted version carries
+    (accuracy, mean_length, length_reduction_pct, accuracy_diff and its CI) as floats,
+    by set and temperature. Raises LookupError when the model is not registered.
+    """
+    client, name = read_client(cfg), cfg.registry.model_name
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        raise LookupError(f"no registered model {name!r} in the tracking store {tracking_uri(cfg)}; "
+                          f"register one first (concise-rl run, curate or train)") from exc
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
+        figures: dict[str, dict[str, dict[str, float]]] = {}
+        for key, value in v.tags.items():
+            match = _EVAL_TAG.match(key)
+            if match:
+                try:
+                    number = float(value)
+                except ValueError:
+                    continue
+                figures.setdefault(match["set"], {}).setdefault(match["t"], {})[match["figure"]] = number
+        created = datetime.fromtimestamp(v.creation_timestamp / 1000, tz=timezone.utc)
+        rows.append({
+            "version": str(v.version), "uri": model_uri(name, v.version),
+            "aliases": sorted(aliases.get(str(v.version), [])),
+            "phase": v.tags.get("phase", ""), "parent_version": v.tags.get("parent_version", ""),
+            "created": created.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "gate": v.tags.get("gate", ""), "gate_failed_criteria": v.tags.get("gate_failed_criteria", ""),
+            **{tag: v.tags.get(tag, "") for tag in ("config_hash", "problems_hash", "git_commit", "checkpoint_uri")},
+            "run_id": v.run_id or "", "eval": figures,
+        })
+    return rows
