@@ -582,8 +582,8 @@ def _cmd_models(args, cfg) -> int:
     from rich.table import Table
 
     table = Table(title=f"{cfg.registry.model_name} in {tracking.tracking_uri(cfg)}")
-    for col in ("version", "aliases", "phase", "parent", "created (UTC)", "gate", "figures (accuracy [paired change, "
-                "95% CI, points], mean length, length cut vs parent)"):
+    figures = "figures (accuracy [paired change, 95% CI, points], mean length, length cut vs parent)"
+    for col in ("version", "aliases", "phase", "parent", "created (UTC)", "gate", figures):
         table.add_column(col)
     for r in rows:
         gate = r["gate"] + (f": {r['gate_failed_criteria']}" if r["gate_failed_criteria"] else "")
@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _setup_environment()
     from concise_rl.config import load_config
-    from concise_rl.errors import ConfigError, CurationError, ModelLoadError, ProblemLoadError
+    from concise_rl.errors import ConfigError, CurationError, ModelLoadError, ProblemLoadError, TrackingServerError
     from concise_rl.store import StoreError
 
     bad_input = (ConfigError, ProblemLoadError, ModelLoadError, CurationError, LookupError, FileNotFoundError)
@@ -634,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except StoreError as exc:  # the store is unreachable or holds a bad copy: its message says what to check
         print(f"concise-rl {args.command}: artifact store: {exc}", file=sys.stderr)
+        return 1
+    except TrackingServerError as exc:  # registry.tracking_uri names a server that does not answer
+        print(f"concise-rl {args.command}: tracking server: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("concise-rl: interrupted; finished stages and the last checkpoint are kept, run again to resume",

@@ -89,3 +89,25 @@ def test_models_lists_versions_aliases_lineage_and_promoted_figures(tmp_path, ti
     # A model that is not registered: bad input, exit 2, the store named.
     code, _, err = models_cli(capsys, [*sets, "registry.model_name=nothing-here"])
     assert code == 2 and "no registered model 'nothing-here'" in err and "mlflow.db" in err
+
+
+def test_an_mlflow_server_that_does_not_answer_fails_at_once_in_one_line(mlflow_home, capsys):  # noqa: F811
+    """MLflow's client alone would retry a refused connection for about two minutes, then print a traceback."""
+    import time
+
+    from test_store import free_port
+
+    from concise_rl.config import PipelineConfig
+    from concise_rl.errors import TrackingServerError
+    from tasks import tracking
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(TrackingServerError, match="no MLflow server answers at registry.tracking_uri"):
+        tracking.setup(PipelineConfig(registry={"tracking_uri": uri}))
+    code, _, err = models_cli(capsys, [f"registry.tracking_uri={uri}"])
+    assert code == 1 and err.strip().startswith(f"concise-rl models: tracking server: no MLflow server answers at "
+                                                f"registry.tracking_uri {uri}")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert time.monotonic() - start < 10
+    assert not (mlflow_home / "mlflow.db").exists()
