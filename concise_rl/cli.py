@@ -579,16 +579,17 @@ def _cmd_models(args, cfg) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{cfg.registry.model_name} in {tracking.tracking_uri(cfg)}")
-    figures = "figures (accuracy [paired change, 95% CI, points], mean length, length cut vs parent)"
+    table = Table(title=escape(f"{cfg.registry.model_name} in {tracking.tracking_uri(cfg)}"))
+    figures = "figures: accuracy (paired change vs parent [95% CI], points), mean length, length cut vs parent"
     for col in ("version", "aliases", "phase", "parent", "created (UTC)", "gate", figures):
-        table.add_column(col)
+        table.add_column(escape(col))
     for r in rows:
         gate = r["gate"] + (f": {r['gate_failed_criteria']}" if r["gate_failed_criteria"] else "")
-        table.add_row(r["version"], ", ".join(r["aliases"]), r["phase"], r["parent_version"],
-                      r["created"].replace("T", " ").rstrip("Z"), gate, _figures_text(r["eval"]))
+        table.add_row(*map(escape, (r["version"], ", ".join(r["aliases"]), r["phase"], r["parent_version"],
+                                    r["created"].replace("T", " ").rstrip("Z"), gate, _figures_text(r["eval"]))))
     Console().print(table)
     return 0
 
