@@ -111,3 +111,14 @@ def test_an_mlflow_server_that_does_not_answer_fails_at_once_in_one_line(mlflow_
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert time.monotonic() - start < 10
     assert not (mlflow_home / "mlflow.db").exists()
+
+
+def test_models_help_names_its_options(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.build_parser().parse_args(["models", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("usage: concise-rl models")
+    assert all(option in out for option in ("--config", "--set", "--json", "registry.tracking_uri"))
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    assert "models     list the registered versions" in capsys.readouterr().out
