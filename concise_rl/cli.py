@@ -35,6 +35,7 @@ accuracy (Fatemi et al., "Concise Reasoning via Reinforcement Learning").
   grade      grade a JSONL file of responses with the project's grader
   deploy     apply the Prefect deployments of infra/prefect.yaml (and their work pool)
   retrain    trigger a deployment run (CI: --param git_sha=$GITHUB_SHA --wait)
+  models     list the registered versions: aliases, lineage, gate verdict, figures
 
 State lives under ./.concise-rl (or $CONCISE_RL_HOME): mlflow.db, mlartifacts/,
 checkpoints/phase1|phase2, curation/, evaluations/, reports/latest/summary.json.
@@ -315,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long (exit 1)")
     p.add_argument("--poll", type=float, default=5.0, metavar="SECONDS", help="with --wait: poll interval (5)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    _add_models_parser(sub)
     return parser
 
 
@@ -585,6 +587,69 @@ def _cmd_grade(args, cfg) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- models
+MODELS_DESCRIPTION = """\
+List every registered version of the config's model (registry.model_name) in its
+tracking store (registry.tracking_uri: the local sqlite store by default, or an MLflow
+server such as http://HOST:PORT): aliases, phase, parent version, creation time (UTC),
+gate verdict, and for a promoted version its figures per set and temperature:
+accuracy, its paired change against the parent with the 95% CI (points), mean
+length and the length reduction against the parent.
+"""
+
+
+def _add_models_parser(sub) -> None:
+    p = sub.add_parser("models", help="list the registered versions with aliases, lineage, gate verdict and figures",
+                       description=MODELS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  concise-rl models --config configs/demo.yaml\n"
+                              "  concise-rl models --set registry.tracking_uri=http://127.0.0.1:5000 --json")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the versions as a JSON list instead of a table")
+
+
+def _figures_text(figures: dict) -> str:
+    lines = []
+    for bench, temps in figures.items():
+        for t, f in temps.items():
+            parts = [f"{bench} T={t}:"]
+            if "accuracy" in f:
+                parts.append(f"acc {100 * f['accuracy']:.1f}%")
+            if {"accuracy_diff", "accuracy_diff_ci_low", "accuracy_diff_ci_high"} <= set(f):
+                parts.append(f"({100 * f['accuracy_diff']:+.1f} [{100 * f['accuracy_diff_ci_low']:+.1f}, "
+                             f"{100 * f['accuracy_diff_ci_high']:+.1f}])")
+            if "mean_length" in f:
+                parts.append(f"len {f['mean_length']:.1f}")
+            if "length_reduction_pct" in f:
+                parts.append(f"cut {f['length_reduction_pct']:.1f}%")
+            lines.append(" ".join(parts))
+    return "\n".join(lines)
+
+
+def _cmd_models(args, cfg) -> int:
+    import json
+
+    from tasks import tracking
+
+    rows = tracking.describe_versions(cfg)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(f"{cfg.registry.model_name} in {tracking.tracking_uri(cfg)}"))
+    figures = "figures: accuracy (paired change vs parent [95% CI], points), mean length, length cut vs parent"
+    for col in ("version", "aliases", "phase", "parent", "created (UTC)", "gate", figures):
+        table.add_column(escape(col))
+    for r in rows:
+        gate = r["gate"] + (f": {r['gate_failed_criteria']}" if r["gate_failed_criteria"] else "")
+        table.add_row(*map(escape, (r["version"], ", ".join(r["aliases"]), r["phase"], r["parent_version"],
+                                    r["created"].replace("T", " ").rstrip("Z"), gate, _figures_text(r["eval"]))))
+    Console().print(table)
+    return 0
+
+
 def _cmd_deploy(args) -> int:
     from concise_rl.deploy import deploy
 
@@ -604,6 +669,7 @@ PREFECT_COMMANDS = {"deploy": _cmd_deploy, "retrain": _cmd_retrain}
 
 COMMANDS = {"run": _cmd_run, "curate": _cmd_curate, "train": _cmd_train, "evaluate": _cmd_evaluate,
             "compare": _cmd_compare, "promote": _cmd_promote, "ablate": _cmd_ablate, "grade": _cmd_grade}
+COMMANDS["models"] = _cmd_models
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -626,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _setup_environment()
     from concise_rl.config import load_config
-    from concise_rl.errors import ConfigError, CurationError, ModelLoadError, ProblemLoadError
+    from concise_rl.errors import ConfigError, CurationError, ModelLoadError, ProblemLoadError, TrackingServerError
     from concise_rl.locking import RegistryBusyError
     from concise_rl.store import StoreError
 
@@ -658,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BUSY
     except StoreError as exc:  # the store is unreachable or holds a bad copy: its message says what to check
         print(f"concise-rl {args.command}: artifact store: {exc}", file=sys.stderr)
+        return 1
+    except TrackingServerError as exc:  # registry.tracking_uri names a server that does not answer
+        print(f"concise-rl {args.command}: tracking server: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("concise-rl: interrupted; finished stages and the last checkpoint are kept, run again to resume",

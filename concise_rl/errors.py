@@ -21,3 +21,7 @@ class ModelLoadError(ValueError):
 
 class CurationError(ValueError):
     """Curation found nothing usable in a configured band."""
+
+
+class TrackingServerError(RuntimeError):
+    """registry.tracking_uri names an MLflow server that does not answer (the CLI exits 1, in one line)."""

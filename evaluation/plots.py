@@ -13,6 +13,15 @@ matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_figure(fig, out: Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close; returns ``out``."""
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -39,11 +48,7 @@ def plot_training(phases: dict[str, list[dict]], out: Path) -> Path:
         bottom.set_ylabel("fraction correct")
         bottom.set_ylim(-0.02, 1.02)
         bottom.grid(alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_pass_rates(pass_rates: list[float], bands: dict[str, tuple[float, float]], out: Path) -> Path:
@@ -56,11 +61,7 @@ def plot_pass_rates(pass_rates: list[float], bands: dict[str, tuple[float, float
     ax.set_ylabel("problems")
     ax.set_title(f"Curated pass rates ({len(pass_rates)} candidates)")
     ax.legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 _KIND_STYLES = {"ppo": ("tab:blue", "PPO (lambda, aggregation)"), "grpo": ("tab:orange", "TRL GRPO (loss type)"),
@@ -98,8 +99,4 @@ def plot_ablation(start: dict[str, dict], variants: dict[str, dict[str, dict]], 
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     fig.suptitle("Phase-2 ablation: held-out accuracy against length reduction")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib
 
 from evaluation.metrics import macro_average
+from evaluation.plots import save_figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -99,11 +100,7 @@ def plot_accuracy_vs_length(results: dict[str, dict], out: Path) -> Path:
         ax.set_ylabel("accuracy % (95% CI)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_length_histograms(responses: dict[str, list[dict]], out: Path) -> Path:
@@ -120,11 +117,7 @@ def plot_length_histograms(responses: dict[str, list[dict]], out: Path) -> Path:
         ax.set_xlabel("response length (tokens)")
         ax.set_ylabel("responses")
         ax.legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def read_responses(path: Path) -> list[dict]:

@@ -378,6 +378,31 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
 
 
 # --------------------------------------------------------------------------- gate
+def eval_tags(candidate_eval: dict, reductions: dict, verdict: dict) -> dict[str, str]:
+    """The figures a promoted version records, per set and temperature, as ``eval.<set>.T<t>.<figure>`` tags.
+
+    ``accuracy``, ``mean_length`` and ``length_reduction_pct`` (against the parent)
+    for every evaluated set; where the gate compared the set, also the paired
+    accuracy change against the parent (``accuracy_diff``, in [-1, 1]) and its CI
+    (``accuracy_diff_ci_low``/``_high``), as the gate verdict has them.
+    """
+    paired = {c["name"].split(" accuracy change,")[0]: c for c in verdict["criteria"] if "ci" in c}
+    tags: dict[str, str] = {}
+    for bench, temps in candidate_eval.items():
+        for t, m in temps.items():
+            prefix = f"eval.{bench}.T{t}"
+            tags[f"{prefix}.accuracy"] = f"{m['accuracy']:.4f}"
+            tags[f"{prefix}.mean_length"] = f"{m['mean_length']:.1f}"
+            if t in reductions.get(bench, {}):
+                tags[f"{prefix}.length_reduction_pct"] = f"{reductions[bench][t]:.2f}"
+            criterion = paired.get(f"{bench}@T={t}")
+            if criterion is not None:
+                tags[f"{prefix}.accuracy_diff"] = f"{criterion['difference']:.4f}"
+                tags[f"{prefix}.accuracy_diff_ci_low"] = f"{criterion['ci'][0]:.4f}"
+                tags[f"{prefix}.accuracy_diff_ci_high"] = f"{criterion['ci'][1]:.4f}"
+    return tags
+
+
 def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "phase1") -> dict:
     """Gate the phase-2 candidate against its parent; move ``champion`` only if it passes.
 
@@ -394,13 +419,8 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
         version = candidate["version"]
         client.set_model_version_tag(name, version, "gate", "passed" if verdict["passed"] else "failed")
         if verdict["passed"]:
-            for bench, temps in candidate["eval"].items():
-                for t, m in temps.items():
-                    client.set_model_version_tag(name, version, f"eval.{bench}.T{t}.accuracy", f"{m['accuracy']:.4f}")
-                    client.set_model_version_tag(name, version, f"eval.{bench}.T{t}.mean_length", f"{m['mean_length']:.1f}")
-                    client.set_model_version_tag(
-                        name, version, f"eval.{bench}.T{t}.length_reduction_pct", f"{reductions[bench][t]:.2f}"
-                    )
+            for key, value in eval_tags(candidate["eval"], reductions, verdict).items():
+                client.set_model_version_tag(name, version, key, value)
             client.set_registered_model_alias(name, "champion", version)
         else:
             failed = [c["name"] for c in verdict["criteria"] if not c["passed"]]

@@ -13,8 +13,12 @@ import contextlib
 import json
 import logging
 import math
+import re
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from mlflow.exceptions import MlflowException
 
 from concise_rl import paths
 from concise_rl.config import PipelineConfig
+from concise_rl.errors import TrackingServerError
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +41,48 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return cfg.registry.tracking_uri or f"sqlite:///{paths.mlflow_db()}"
 
 
+def is_server(uri: str) -> bool:
+    """A tracking URI served over HTTP: the server, not this machine, decides where artifacts go."""
+    return uri.startswith(("http://", "https://"))
+
+
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail at once, in one line, when ``uri`` is an MLflow server that does not answer.
+
+    MLflow's own client retries a refused connection for about two minutes before it
+    gives up with a traceback. Any HTTP answer (even 401/403 from a proxy in front
+    of the server) counts as reachable; only a failed connection is refused here.
+    """
+    if not is_server(uri):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingServerError(
+            f"no MLflow server answers at registry.tracking_uri {uri} ({reason}); start it (for example "
+            f"`mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination s3://BUCKET/PREFIX`) "
+            f"or fix registry.tracking_uri (unset, the local sqlite store under the concise-rl home is used)"
+        ) from None
+
+
 def setup(cfg: PipelineConfig) -> MlflowClient:
-    """Point MLflow at the configured store and make sure the experiment exists."""
+    """Point MLflow at the configured store and make sure the experiment exists.
+
+    A local store (sqlite, the default) keeps its artifacts under the concise-rl home;
+    an MLflow server keeps them where it was told (``--artifacts-destination``).
+    """
     paths.home().mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg)
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, uri)
     if client.get_experiment_by_name(cfg.registry.experiment) is None:
-        location = None if cfg.registry.tracking_uri else paths.mlflow_artifacts().as_uri()
+        location = None if is_server(uri) else paths.mlflow_artifacts().as_uri()
         with contextlib.suppress(MlflowException):  # another process created it first
             client.create_experiment(cfg.registry.experiment, artifact_location=location)
     mlflow.set_experiment(cfg.registry.experiment)
@@ -165,3 +203,55 @@ def resolve_model_uri(uri: str) -> str:
 
 def model_uri(name: str, version: str) -> str:
     return f"models:/{name}/{version}"
+
+
+_EVAL_TAG = re.compile(r"^eval\.(?P<set>.+?)\.T(?P<t>\d+(?:\.\d+)?)\.(?P<figure>[a-z_]+)$")
+
+
+def read_client(cfg: PipelineConfig) -> MlflowClient:
+    """A client on the configured store that creates no experiment (for read-only commands)."""
+    uri = tracking_uri(cfg)
+    if not cfg.registry.tracking_uri:
+        paths.home().mkdir(parents=True, exist_ok=True)
+    check_server(uri)
+    return MlflowClient(uri, uri)
+
+
+def describe_versions(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """Every version of the config's registered model, oldest first: aliases, lineage, gate verdict and recorded figures.
+
+    ``eval`` holds the ``eval.<set>.T<t>.<figure>`` tags a promoted version carries
+    (accuracy, mean_length, length_reduction_pct, accuracy_diff and its CI) as floats,
+    by set and temperature. Raises LookupError when the model is not registered.
+    """
+    client, name = read_client(cfg), cfg.registry.model_name
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        raise LookupError(f"no registered model {name!r} in the tracking store {tracking_uri(cfg)}; "
+                          f"register one first (concise-rl run, curate or train)") from exc
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
+        figures: dict[str, dict[str, dict[str, float]]] = {}
+        for key, value in v.tags.items():
+            match = _EVAL_TAG.match(key)
+            if match:
+                try:
+                    number = float(value)
+                except ValueError:
+                    continue
+                figures.setdefault(match["set"], {}).setdefault(match["t"], {})[match["figure"]] = number
+        created = datetime.fromtimestamp(v.creation_timestamp / 1000, tz=UTC)
+        rows.append({
+            "version": str(v.version), "uri": model_uri(name, v.version),
+            "aliases": sorted(aliases.get(str(v.version), [])),
+            "phase": v.tags.get("phase", ""), "parent_version": v.tags.get("parent_version", ""),
+            "created": created.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "gate": v.tags.get("gate", ""), "gate_failed_criteria": v.tags.get("gate_failed_criteria", ""),
+            **{tag: v.tags.get(tag, "") for tag in ("config_hash", "problems_hash", "git_commit", "checkpoint_uri")},
+            "run_id": v.run_id or "", "eval": figures,
+        })
+    return rows

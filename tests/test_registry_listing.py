@@ -1,0 +1,124 @@
+"""`concise-rl models` and the figures `promote` records, on the local sqlite registry.
+
+Three versions are registered through the real stages (prepare_base, register for
+phase 1 and phase 2, all copies of the tiny model), evaluated on a few held-out
+problems at two temperatures and promoted under a gate every candidate passes; the
+listing must show what the registry holds, tag for tag.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_store import mlflow_home  # noqa: F401  (fixture: a temporary home and MLflow's URIs put back)
+
+from concise_rl import cli
+from concise_rl.config import load_config
+
+SETTINGS = ["evaluation.heldout.num_problems=4", "evaluation.max_new_tokens=8", "evaluation.temperatures=[0,0.6]",
+            "evaluation.bootstrap_samples=50", "gate.bootstrap_samples=50", "gate.min_length_reduction_pct=-100",
+            "gate.max_accuracy_drop=1.0"]
+
+
+def trained_copy(tiny_model_dir: Path, dest: Path, run_key: str) -> str:
+    """A final-policy folder as the trainer leaves it: the weights and trainer_state.json."""
+    shutil.copytree(tiny_model_dir, dest)
+    (dest / "trainer_state.json").write_text(json.dumps({"step": 2, "run_key": run_key, "problems_hash": "ph"}))
+    return str(dest)
+
+
+def models_cli(capsys, sets: list[str], *extra: str) -> tuple[int, str, str]:
+    argv = ["models", *[x for s in sets for x in ("--set", s)], *extra]
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_models_lists_versions_aliases_lineage_and_promoted_figures(tmp_path, tiny_model_dir, mlflow_home,  # noqa: F811
+                                                                    capsys, monkeypatch):
+    from tasks import stages
+
+    sets = [f"model.name_or_path={tiny_model_dir}", *SETTINGS]
+    cfg = load_config(None, sets)
+    base = stages.prepare_base(cfg)
+    phase1 = stages.register(cfg, "phase1", trained_copy(tiny_model_dir, tmp_path / "p1", "rk1"), base)
+    phase2 = stages.register(cfg, "phase2", trained_copy(tiny_model_dir, tmp_path / "p2", "rk2"), phase1)
+    results = stages.evaluate(cfg, {"phase1": phase1, "phase2": phase2})
+    summary = stages.promote(cfg, results)
+    assert summary["promoted"] is True
+
+    code, out, _ = models_cli(capsys, sets, "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["version"] for r in rows] == ["1", "2", "3"]
+    assert [r["phase"] for r in rows] == ["base", "1", "2"]
+    assert [r["parent_version"] for r in rows] == ["", "1", "2"]
+    assert [r["aliases"] for r in rows] == [["base"], ["phase1"], ["candidate", "champion"]]
+    assert [r["gate"] for r in rows] == ["", "", "passed"]
+    assert rows[0]["eval"] == rows[1]["eval"] == {}
+    assert all(r["created"].endswith("Z") and r["config_hash"] == cfg.config_hash() for r in rows)
+    assert all(r["checkpoint_uri"].startswith((mlflow_home / "store").as_uri()) for r in rows)
+
+    # The promoted version's figures: accuracy and length as evaluated, the cut and the paired
+    # accuracy change with its CI as the gate computed them, for every set and temperature.
+    figures = rows[2]["eval"]
+    assert set(figures) == {"heldout"} and set(figures["heldout"]) == {"0.0", "0.6"}
+    criteria = {c["name"].split(" accuracy change,")[0]: c for c in summary["gate"]["criteria"] if "ci" in c}
+    for t, f in figures["heldout"].items():
+        evaluated = summary["models"]["phase2"]["eval"]["heldout"][t]
+        assert f["accuracy"] == pytest.approx(evaluated["accuracy"], abs=1e-4)
+        assert f["mean_length"] == pytest.approx(evaluated["mean_length"], abs=0.05)
+        assert f["length_reduction_pct"] == pytest.approx(summary["length_reduction_pct"]["heldout"][t], abs=0.005)
+        gate = criteria[f"heldout@T={t}"]
+        assert (f["accuracy_diff"], f["accuracy_diff_ci_low"], f["accuracy_diff_ci_high"]) == pytest.approx(
+            (gate["difference"], *gate["ci"]), abs=1e-4)
+
+    # The table: one row per version, the figures of the promoted one on it.
+    monkeypatch.setenv("COLUMNS", "300")
+    code, out, _ = models_cli(capsys, sets)
+    assert code == 0
+    assert "candidate, champion" in out and "passed" in out
+    for t in ("0.0", "0.6"):
+        acc = 100 * figures["heldout"][t]["accuracy"]
+        assert f"heldout T={t}: acc {acc:.1f}%" in out
+    assert "cut " in out and "len " in out
+
+    # A model that is not registered: bad input, exit 2, the store named.
+    code, _, err = models_cli(capsys, [*sets, "registry.model_name=nothing-here"])
+    assert code == 2 and "no registered model 'nothing-here'" in err and "mlflow.db" in err
+
+
+def test_an_mlflow_server_that_does_not_answer_fails_at_once_in_one_line(mlflow_home, capsys):  # noqa: F811
+    """MLflow's client alone would retry a refused connection for about two minutes, then print a traceback."""
+    import time
+
+    from test_store import free_port
+
+    from concise_rl.config import PipelineConfig
+    from concise_rl.errors import TrackingServerError
+    from tasks import tracking
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(TrackingServerError, match="no MLflow server answers at registry.tracking_uri"):
+        tracking.setup(PipelineConfig(registry={"tracking_uri": uri}))
+    code, _, err = models_cli(capsys, [f"registry.tracking_uri={uri}"])
+    assert code == 1 and err.strip().startswith(f"concise-rl models: tracking server: no MLflow server answers at "
+                                                f"registry.tracking_uri {uri}")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert time.monotonic() - start < 10
+    assert not (mlflow_home / "mlflow.db").exists()
+
+
+def test_models_help_names_its_options(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.build_parser().parse_args(["models", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("usage: concise-rl models")
+    assert all(option in out for option in ("--config", "--set", "--json", "registry.tracking_uri"))
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    assert "models     list the registered versions" in capsys.readouterr().out
