@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,11 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
         else:
             assert set(c) == {"name", "value", "threshold", "passed"}
     assert (home / "evaluations" / "reports").is_dir()
+    # The Prefect UI's artifacts, read from the (stopped) local server's database.
+    with sqlite3.connect(home / "prefect" / "prefect.db") as db:
+        keys = {row[0] for row in db.execute("select key from artifact")}
+    assert {"pipeline-summary", "evaluation-report", "curation-pass-rates", "phase1-metrics",
+            "phase2-metrics"} <= keys
 
     v = versions(home)
     assert sorted(v) == ["1", "2", "3"]
