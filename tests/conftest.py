@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tiny_random_model(tmp_path_factory.mktemp("tiny-model"))
     assert format_prompt("x", load_tokenizer(str(out)), PromptConfig()).endswith("<|im_start|>assistant\n")
     return out
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_uris(monkeypatch):
+    """MLflow keeps its tracking and registry URIs process-wide (and in the environment);
+    a test that points them at its own store or server must not leave them to the next."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        # setenv records the current state (set or absent) so teardown restores it.
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if not os.environ[name]:
+            monkeypatch.delenv(name)

@@ -261,7 +261,7 @@ def test_small_ablation_end_to_end(tmp_path: Path) -> None:
     assert any(not torch.equal(before[k], after[k]) for k in before), "GRPO changed no weight"
 
     # One MLflow run in the config's experiment, with each variant's figures and the table.
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}", f"sqlite:///{home / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ablate-test")
     [run] = client.search_runs([experiment.experiment_id], "tags.stage = 'ablate'")
     assert run.data.params["ablate.variants"] == ",".join(names)

@@ -140,7 +140,7 @@ def test_ci_retrain_runs_the_deployment_on_a_worker_and_registers_with_the_sha(t
     assert alias(home, "champion") == "3"
     summary = json.loads((home / "reports" / "latest" / "summary.json").read_text())
     assert summary["git_sha"] == SHA and summary["promoted"] is True
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}", f"sqlite:///{home / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("concise-rl-demo").experiment_id])
     assert runs and all(r.data.tags.get("git_sha") == SHA for r in runs)
     flow_runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=30).json()

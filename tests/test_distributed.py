@@ -259,7 +259,7 @@ def test_concise_rl_train_under_accelerate_launch(tiny_model_dir: Path, tmp_path
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("phase1 trained:") == 1, done.stdout
 
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}", f"sqlite:///{home / 'mlflow.db'}")
     versions = client.search_model_versions("name = 'concise-rl-demo'")
     assert [v.tags["phase"] for v in versions] == ["1"]
     runs = client.search_runs([client.get_experiment_by_name("concise-rl-demo").experiment_id])

@@ -46,19 +46,19 @@ def run_cli(home: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def versions(home: Path) -> dict[str, object]:
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}", f"sqlite:///{home / 'mlflow.db'}")
     return {str(v.version): v for v in client.search_model_versions(f"name = '{MODEL}'")}
 
 
 def train_runs(home: Path) -> int:
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}", f"sqlite:///{home / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("concise-rl-demo")
     runs = client.search_runs([experiment.experiment_id], "tags.stage LIKE 'train-%'")
     return len(runs)
 
 
 def alias(home: Path, name: str) -> str:
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}", f"sqlite:///{home / 'mlflow.db'}")
     return str(client.get_model_version_by_alias(MODEL, name).version)
 
 
