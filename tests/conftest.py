@@ -23,13 +23,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolate_mlflow_uris(monkeypatch):
     """MLflow keeps its tracking and registry URIs process-wide (and in the environment);
-    a test that points them at its own store or server must not leave them to the next."""
+    a test that points them at its own store or server must not leave them to the next,
+    nor may an in-process CLI call leave its PREFECT_HOME to later subprocesses."""
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
     monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    # The CLI's main() also sets PREFECT_HOME for the home it ran with.
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_HOME"):
         # setenv records the current state (set or absent) so teardown restores it.
         monkeypatch.setenv(name, os.environ.get(name, ""))
         if not os.environ[name]:

@@ -41,7 +41,8 @@ def run_cli(home: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "concise_rl.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml")]
     for item in [*TINY, *extra]:
         args += ["--set", item]
-    env = {**os.environ, "CONCISE_RL_HOME": str(home), "OMP_NUM_THREADS": "2"}
+    # Prefect's state goes under this home (the CLI's default), whatever an earlier test left in the environment.
+    env = {**os.environ, "CONCISE_RL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "OMP_NUM_THREADS": "2"}
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
