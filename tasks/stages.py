@@ -333,9 +333,10 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
     key = stable_hash({"eval": cfg.evaluation.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(),
                        "sets": {k: problems_hash(v) for k, v in sets.items()}, "seed": cfg.seed})
     results: dict[str, dict] = {}
+    folders: dict[str, Path] = {}
     with _stage_run(cfg, "evaluate"):
         for label, info in models.items():
-            out = _evaluation_dir(cfg, info, key)
+            out = folders[label] = _evaluation_dir(cfg, info, key)
             summary_file = out / "summary.json"
             if not summary_file.is_file():
                 model_dir = tracking.resolve_model_uri(info["uri"])
@@ -351,27 +352,22 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
                 _atomic_write_json(summary_file, summary)
             summary = json.loads(summary_file.read_text())
             results[label] = {"version": info["version"], "uri": info["uri"], "eval": summary}
-            for bench, temps in summary.items():
+            for bench, temps in {**summary, "macro": macro_average(summary)}.items():
                 for t, m in temps.items():
                     tracking.log_metrics({f"{label}.{bench}.T{t}.accuracy": m["accuracy"],
                                           f"{label}.{bench}.T{t}.mean_length": m["mean_length"]})
             mlflow.log_artifacts(str(out), artifact_path=f"evaluations/{label}")
             uploaded = store.upload_dir(out, store.uri("evaluations", out.name))
             mlflow.set_tag(f"store.evaluations.{label}", uploaded.uri)
-        report_dir = paths.evaluations() / "reports" / f"{key}-{stable_hash(sorted((k, v['version'], v['uri']) for k, v in models.items()))[:8]}"
+        which = stable_hash(sorted((k, v["version"], v["uri"]) for k, v in models.items()))[:8]
+        report_dir = paths.evaluations() / "reports" / f"{key}-{which}"
         files = write_report(
-            results, {label: read_responses(_evaluation_dir(cfg, info, key) / "responses.jsonl")
-                      for label, info in models.items()},
-            report_dir,
+            results, {label: read_responses(folder / "responses.jsonl") for label, folder in folders.items()}, report_dir
         )
         mlflow.log_artifacts(str(report_dir), artifact_path="report")
         uploaded = store.upload_dir(report_dir, store.uri("evaluations", "reports", report_dir.name))
         mlflow.set_tag("store.evaluations.report", uploaded.uri)
-        for label, info in models.items():
-            macro = macro_average(results[label]["eval"])
-            for t, m in macro.items():
-                tracking.log_metrics({f"{label}.macro.T{t}.accuracy": m["accuracy"],
-                                      f"{label}.macro.T{t}.mean_length": m["mean_length"]})
+        for label in models:
             results[label]["report"] = str(report_dir)
         publish.markdown("evaluation-report", files[0].read_text(encoding="utf-8"), "concise-rl evaluation report")
     return results
