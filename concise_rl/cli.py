@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample k responses per candidate problem from the model, estimate pass rates, "
                                    "and write phase1.jsonl and phase2.jsonl under .concise-rl/curation/.")
     _common(p)
-    p.add_argument("--model", metavar="URI", help="models:/NAME@ALIAS, models:/NAME/VERSION or a local model dir "
+    p.add_argument("--model", metavar="URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, a local model dir or a checkpoint folder in the "
+                   "artifact store (s3://..., a version's checkpoint_uri) "
                    "(default: the registered base, built and registered first if missing)")
 
     p = sub.add_parser("train", help="run one PPO phase and register the resulting model",
@@ -224,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "phase-2 set. Resumes from the phase's last checkpoint.")
     _common(p)
     p.add_argument("--phase", type=int, choices=(1, 2), required=True, help="which phase to train")
-    p.add_argument("--model", metavar="URI", help="start model (default: alias 'base' for phase 1, 'phase1' for 2)")
+    p.add_argument("--model", metavar="URI", help="start model: models:/ URI, local dir or s3:// checkpoint folder (default: "
+                   "alias 'base' for phase 1, 'phase1' for 2)")
     p.add_argument("--problems", metavar="FILE", help="training problems JSONL (default: the latest curation's set)")
 
     p = sub.add_parser("evaluate", help="evaluate models on the held-out sets or on named benchmarks",
@@ -232,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--model", action="append", default=[], metavar="[LABEL=]URI",
-                   help="a model to evaluate, repeatable: models:/NAME/VERSION, models:/NAME@ALIAS or a local "
-                        "model dir, optionally labelled (default: base, phase1 and phase2 by alias)")
+                   help="a model to evaluate, repeatable: models:/NAME/VERSION, models:/NAME@ALIAS, a local "
+                        "model dir or an s3:// checkpoint folder (a version's checkpoint_uri), optionally labelled "
+                        "(default: base, phase1 and phase2 by alias)")
     _evaluation_options(p)
 
     p = sub.add_parser("compare", help="the gate's verdict for a candidate model against a baseline",
@@ -374,8 +377,11 @@ def _explicit_model(cfg, uri: str, option: str = "--model") -> dict[str, str]:
         name, _, ref = uri[len("models:/"):].partition("@" if "@" in uri else "/")
         version = client.get_model_version_by_alias(name, ref) if "@" in uri else client.get_model_version(name, ref)
         return {"version": str(version.version), "uri": tracking.model_uri(name, version.version)}
+    if uri.startswith("s3://"):  # a checkpoint folder in the artifact store; checked when it is downloaded
+        return {"version": "local", "uri": uri}
     if not Path(uri).is_dir():
-        raise FileNotFoundError(f"{option} {uri}: not a models:/ URI and not a model directory")
+        raise FileNotFoundError(f"{option} {uri}: not a models:/ URI, not an s3:// checkpoint folder and not a "
+                                f"model directory")
     return {"version": "local", "uri": uri}
 
 

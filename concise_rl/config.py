@@ -295,6 +295,11 @@ class StoreConfig(_Strict):
         1.0, gt=0, description="backoff before the second try; it doubles each try, capped at 30 s",
     )
     timeout_s: float = Field(60.0, gt=0, description="connect and read timeout of one S3 request")
+    mirror_checkpoints: bool | None = Field(
+        None, description="copy every PPO checkpoint (the resume state) to the store as well, so that a run "
+        "restarted on another machine resumes from it; default: on for s3://, off for a local store (the "
+        "checkpoints are already on this disk)",
+    )
 
     @model_validator(mode="after")
     def _scheme(self) -> StoreConfig:

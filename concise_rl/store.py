@@ -507,6 +507,26 @@ class ArtifactStore:
                 raise StoreError(f"{folder.name(rel)} is listed in the manifest but missing from the store") from None
         return manifest
 
+    def write_text(self, uri: str, text: str) -> None:
+        """Write one small object (a pointer) at ``uri``, replacing it whole."""
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        self._folder(parent).put_bytes(text.encode("utf-8"), name)
+
+    def read_text(self, uri: str) -> str | None:
+        """The small object at ``uri``, or None when there is none."""
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        blob = self._folder(parent).get_bytes(name)
+        return None if blob is None else blob.decode("utf-8")
+
+    def delete_dir(self, uri: str) -> None:
+        """Remove the folder at ``uri``: its manifest first, so a half-deleted folder is never trusted."""
+        folder = self._folder(uri)
+        folder.delete(MANIFEST)
+        for key in folder.sizes():
+            folder.delete(key)
+        if isinstance(folder, _LocalFolder):
+            shutil.rmtree(folder.root, ignore_errors=True)
+
     def upload_checkpoint(self, local_dir: str | Path, *, model_name: str, phase: str) -> Upload:
         """Upload a model folder to ``checkpoints/MODEL/PHASE-DIGEST``: the path names the content."""
         manifest = build_manifest(local_dir)

@@ -6,9 +6,12 @@ have nowhere to go and are skipped rather than starting a Prefect server.
 
 from __future__ import annotations
 
+import base64
 import math
+import re
+from pathlib import Path
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
 
@@ -35,6 +38,46 @@ def table(key: str, rows: list[dict], description: str) -> None:
 def markdown(key: str, text: str, description: str) -> None:
     if _in_prefect_run():
         create_markdown_artifact(key=key, markdown=text, description=description)
+
+
+# An image artifact is a URL the browser fetches. The plots live on the run's disk or in a
+# private bucket the browser cannot reach, so they travel inside the URL (a data: URI,
+# stored in the Prefect database). Matplotlib's PNGs here are 30-150 kB; anything above
+# this size is left out of the UI (it is still in MLflow and the report folder).
+MAX_IMAGE_BYTES = 2_000_000
+
+
+def artifact_key(name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes) for ``name``: ``training_curves`` -> ``training-curves``."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+
+
+def image(key: str, path: Path, description: str) -> bool:
+    """Publish a PNG as an image artifact shown in the Prefect UI; False when skipped (no run, too large)."""
+    if not _in_prefect_run():
+        return False
+    data = Path(path).read_bytes()
+    if len(data) > MAX_IMAGE_BYTES:
+        return False
+    create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(data).decode("ascii"),
+                          key=artifact_key(key), description=description)
+    return True
+
+
+def gate_rows(verdict: dict) -> list[dict]:
+    """The gate verdict as a table: one row per criterion, the paired ones with their difference and CI."""
+    rows = []
+    for c in verdict["criteria"]:
+        ci = c.get("ci")
+        rows.append({
+            "criterion": c["name"], "value": _clean(c["value"]), "threshold": c["threshold"],
+            "passed": bool(c["passed"]), "difference": _clean(c.get("difference")),
+            "ci_low": None if ci is None else _clean(ci[0]), "ci_high": None if ci is None else _clean(ci[1]),
+            "n": c.get("n"),
+        })
+    rows.append({"criterion": "VERDICT", "value": None, "threshold": None, "passed": bool(verdict["passed"]),
+                 "difference": None, "ci_low": None, "ci_high": None, "n": None})
+    return rows
 
 
 def _fmt_len(x: float) -> str:

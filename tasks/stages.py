@@ -166,7 +166,7 @@ def curate(cfg: PipelineConfig, model_uri: str) -> str:
         _point_latest(out)
         return str(out)
     with _stage_run(cfg, "curate", model_uri=model_uri):
-        model_dir = tracking.resolve_model_uri(model_uri)
+        model_dir = local_model_dir(cfg, model_uri)
         tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, prompt=cfg.prompt)
         model = load_policy(model_dir, cfg.model, device=device(cfg))
         torch.manual_seed(cfg.seed)
@@ -218,6 +218,69 @@ def _point_latest(curation_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- training
+class _CheckpointMirror:
+    """Copies of one training run's PPO checkpoints in the artifact store, for a restart elsewhere.
+
+    Under ``runs/<model>/<phase>/<run key>/`` each checkpoint is a folder committed
+    with its manifest, and ``LATEST`` (written after it) names the newest; the one
+    before it is deleted once ``LATEST`` has moved, so the store holds one or two.
+    A fresh machine (no local checkpoint) restores the folder ``LATEST`` names,
+    checked file by file, and PPO resumes from it as from a local one.
+    """
+
+    def __init__(self, cfg: PipelineConfig, phase: str, run_key: str):
+        self.store = artifact_store.open_store(cfg.store)
+        self.root = self.store.uri("runs", cfg.registry.model_name, phase, run_key[:16])
+
+    @staticmethod
+    def enabled(cfg: PipelineConfig) -> bool:
+        on = cfg.store.mirror_checkpoints
+        return artifact_store.is_s3(cfg.store.uri or "") if on is None else on
+
+    def push(self, path: Path) -> None:
+        previous = self.store.read_text(artifact_store.join(self.root, "LATEST"))
+        self.store.upload_dir(path, artifact_store.join(self.root, path.name))
+        self.store.write_text(artifact_store.join(self.root, "LATEST"), path.name)
+        if previous and previous.strip() != path.name:
+            self.store.delete_dir(artifact_store.join(self.root, previous.strip()))
+        log.info("checkpoint %s mirrored to %s", path.name, self.root)
+
+    def restore(self, ckpt_dir: Path) -> str | None:
+        """Download the newest mirrored checkpoint into ``ckpt_dir`` and point ``latest`` at it; its name."""
+        name = self.store.read_text(artifact_store.join(self.root, "LATEST"))
+        if not name:
+            return None
+        name = name.strip()
+        self.store.download_dir(artifact_store.join(self.root, name), ckpt_dir / name)
+        pointer = ckpt_dir / "latest.tmp"
+        pointer.write_text(name)
+        os.replace(pointer, ckpt_dir / "latest")
+        log.info("restored checkpoint %s from %s", name, self.root)
+        return name
+
+
+def local_model_dir(cfg: PipelineConfig, uri: str) -> str:
+    """A local folder for a model URI: ``models:/``/``runs:/`` through MLflow, ``s3://`` through the store.
+
+    An ``s3://`` URI (a ``checkpoint_uri`` tag, for one) must be a folder committed
+    with its manifest; it is downloaded once into ``<home>/downloads/``, every file
+    checked against the manifest. Local paths pass through.
+    """
+    if not artifact_store.is_s3(uri):
+        return tracking.resolve_model_uri(uri)
+    store = artifact_store.open_store(cfg.store)
+    manifest = store.read_manifest(uri)
+    if manifest is None:
+        raise artifact_store.StoreError(
+            f"--model {uri}: no {artifact_store.MANIFEST} there, so it is not a committed checkpoint folder (the "
+            f"manifest is written last); use a version's checkpoint_uri tag (concise-rl models) or a models:/ URI"
+        )
+    target = paths.home() / "downloads" / f"store-{artifact_store.manifest_digest(manifest)[:16]}"
+    if not (target / artifact_store.MANIFEST).is_file():
+        store.download_dir(uri, target)
+    return str(target)
+
+
 def accelerator(cfg: PipelineConfig) -> Accelerator:
     """The accelerator PPO runs under: one process, or each process of `accelerate launch`."""
     return Accelerator(cpu=device(cfg).type == "cpu")
@@ -237,7 +300,8 @@ def train_phase(
     acc = acc or accelerator(cfg)
     with acc.main_process_first():  # one process creates the tracking store, then the others read it
         tracking.setup(cfg)
-        policy_path = tracking.resolve_model_uri(model_uri)
+        policy_path = local_model_dir(cfg, model_uri)
+    mirror: list[_CheckpointMirror] = []  # set below, once the run key is known
     trainer = PPOTrainer(
         policy_path=policy_path,
         problems=problems,
@@ -248,15 +312,31 @@ def train_phase(
         reward_cfg=cfg.reward,
         on_step=(lambda step, metrics: tracking.log_metrics(metrics, step=step)) if acc.is_main_process else None,
         accelerator=acc,
+        start_key=model_uri,
+        on_checkpoint=lambda path: [m.push(path) for m in mirror],
     )
     done = trainer.finished()
     if done is not None:
         log.info("%s already trained in %s", phase, done)
         return str(done)
+    if _CheckpointMirror.enabled(cfg) and acc.is_main_process:
+        mirror.append(_CheckpointMirror(cfg, phase, trainer.run_key))
+        if trainer.resumable_step() is None:  # a new machine, or a wiped disk: resume from the store's copy
+            mirror[0].restore(trainer.ckpt_dir)
+    acc.wait_for_everyone()
     if not acc.is_main_process:
         return str(trainer.train())
-    with _stage_run(cfg, f"train-{phase}", phase=phase, model_uri=model_uri) as run:
-        mlflow.log_params({"phase_problems": len(problems), "phase_ppo": json.dumps(ppo_cfg.model_dump(mode="json"))})
+    # A run killed mid-phase resumes from its last checkpoint; it also carries on in the MLflow
+    # run it had opened, so the phase keeps one run and one metric history.
+    stage = f"train-{phase}"
+    reopen = tracking.unfinished_run(cfg, stage, trainer.run_key) if trainer.resumable_step() else None
+    with _stage_run(cfg, stage, resume_run_id=reopen, phase=phase, model_uri=model_uri,
+                    run_key=trainer.run_key) as run:
+        if reopen is not None:
+            log.info("%s: resuming at step %d in MLflow run %s", phase, trainer.resumable_step(), reopen)
+        else:
+            mlflow.log_params({"phase_problems": len(problems),
+                               "phase_ppo": json.dumps(ppo_cfg.model_dump(mode="json"))})
         final = trainer.train()
         metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
         if metrics_file.is_file():
@@ -307,6 +387,8 @@ def evaluation_sets(cfg: PipelineConfig) -> dict[str, list[Problem]]:
 
 def _local_model_key(model_dir: str) -> str:
     """A local model folder by path and weight files (size, mtime): a retrained folder is a new model."""
+    if artifact_store.is_s3(model_dir):  # a committed store folder is named by its content
+        return stable_hash(model_dir)[:12]
     root = Path(model_dir).resolve()
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.glob("*.safetensors"))
     return stable_hash([str(root), weights])[:12]
@@ -339,7 +421,7 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
             out = folders[label] = _evaluation_dir(cfg, info, key)
             summary_file = out / "summary.json"
             if not summary_file.is_file():
-                model_dir = tracking.resolve_model_uri(info["uri"])
+                model_dir = local_model_dir(cfg, info["uri"])
                 tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, prompt=cfg.prompt)
                 model = load_policy(model_dir, cfg.model, device=device(cfg))
                 summary, records = evaluate_model(
@@ -370,6 +452,9 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
         for label in models:
             results[label]["report"] = str(report_dir)
         publish.markdown("evaluation-report", files[0].read_text(encoding="utf-8"), "concise-rl evaluation report")
+        for figure in files[1:]:
+            if figure.suffix == ".png":
+                publish.image(f"plot-{figure.stem}", figure, f"evaluation: {figure.name} ({report_dir.name})")
     return results
 
 
@@ -441,8 +526,14 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
     latest = paths.reports() / "latest"
     shutil.rmtree(latest, ignore_errors=True)
     shutil.copytree(report_dir, latest)
-    links = {f.name: f"{latest / f.name} (MLflow run {run.info.run_id}, plots/{f.name})" for f in figures}
+    links = {f.name: f"image artifact `{publish.artifact_key('plot-' + f.stem)}`; {latest / f.name}; "
+                     f"MLflow run {run.info.run_id}, plots/{f.name}" for f in figures}
     publish.markdown("pipeline-summary", publish.summary_markdown(summary, links), "concise-rl pipeline summary")
+    publish.table("gate-verdict", publish.gate_rows(verdict),
+                  f"Gate: v{candidate['version']} against v{parent['version']} "
+                  f"({'passed' if verdict['passed'] else 'failed'})")
+    for figure in figures:
+        publish.image(f"plot-{figure.stem}", latest / figure.name, f"{figure.name} (MLflow run {run.info.run_id})")
     return summary
 
 

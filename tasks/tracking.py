@@ -10,10 +10,13 @@ URI of its checkpoint), and addressed by aliases (``base``, ``phase1``,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
+import os
 import re
+import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -101,14 +104,39 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def stage_run(cfg: PipelineConfig, stage: str, **tags: str) -> Iterator[mlflow.ActiveRun]:
-    """One MLflow run per pipeline stage, with the whole config as params."""
+def stage_run(cfg: PipelineConfig, stage: str, *, resume_run_id: str | None = None,
+              **tags: str) -> Iterator[mlflow.ActiveRun]:
+    """One MLflow run per pipeline stage, with the whole config as params.
+
+    ``resume_run_id`` reopens an earlier run of the same stage (one a crash left
+    RUNNING or FAILED) instead of starting a new one, so an interrupted training
+    phase keeps one run with one metric history; its params are already there.
+    """
     setup(cfg)
+    if resume_run_id is not None:
+        with mlflow.start_run(run_id=resume_run_id) as run:
+            mlflow.set_tags({"resumed": "true", **tags})
+            yield run
+        return
     with mlflow.start_run(run_name=stage, tags={"stage": stage, "config_hash": cfg.config_hash(), **tags}) as run:
         params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
                   for k, v in _flatten(cfg.model_dump(mode="json")).items()}
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         yield run
+
+
+def unfinished_run(cfg: PipelineConfig, stage: str, run_key: str) -> str | None:
+    """The newest run of ``stage`` tagged with ``run_key`` that did not finish (killed or failed), if any."""
+    client = MlflowClient(tracking_uri(cfg), tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.registry.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.stage = '{stage}' and tags.run_key = '{run_key}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -194,11 +222,42 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
         return None
 
 
+_PINNED_MODEL = re.compile(r"^models:/[^/@]+/\d+$")
+
+
 def resolve_model_uri(uri: str) -> str:
-    """A local directory for a ``models:/`` or ``runs:/`` URI; other strings pass through unchanged."""
-    if uri.startswith(("models:/", "runs:/")):
+    """A local directory for a ``models:/`` or ``runs:/`` URI; other strings pass through unchanged.
+
+    A local tracking store keeps its artifacts on this disk, and MLflow returns their
+    own folder. From a server, a pinned version (``models:/NAME/N``) or a run's
+    artifact is immutable, so it is downloaded once into ``<home>/downloads/`` and
+    reused by every later stage and re-run: the path stays the same, nothing is
+    fetched twice, and a half-finished download is never used (it lands in a
+    temporary folder, renamed when complete, and a marker is written last). Aliases (``models:/NAME@a``)
+    move, so they are downloaded afresh each time.
+    """
+    if not uri.startswith(("models:/", "runs:/")):
+        return uri
+    if not is_server(mlflow.get_tracking_uri()) or not (_PINNED_MODEL.match(uri) or uri.startswith("runs:/")):
         return mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    return uri
+    digest = hashlib.sha256(f"{mlflow.get_tracking_uri()} {uri}".encode()).hexdigest()[:16]
+    target = paths.home() / "downloads" / digest
+    marker = target.with_name(f"{digest}.complete")  # written last: the folder is whole
+    if marker.is_file() and target.is_dir():
+        return str(target)
+    tmp = target.with_name(f"{digest}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp))
+    # download_artifacts puts a run's or model's files either directly in dst_path or in one sub-folder.
+    entries = list(tmp.iterdir())
+    source = entries[0] if len(entries) == 1 and entries[0].is_dir() and not (tmp / "config.json").exists() else tmp
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(source, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    marker.write_text(uri + "\n")
+    log.info("downloaded %s to %s", uri, target)
+    return str(target)
 
 
 def model_uri(name: str, version: str) -> str:

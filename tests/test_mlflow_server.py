@@ -158,9 +158,18 @@ def test_registration_through_an_mlflow_server_with_s3_artifacts(servers, tmp_pa
     # Nothing was written to a local MLflow store: no sqlite file, no local artifact folder.
     assert not (mlflow_home / "mlflow.db").exists() and not (mlflow_home / "mlartifacts").exists()
 
-    # models:/ URIs download back through the server, identical to what was registered.
+    # models:/ URIs download back through the server, identical to what was registered. A pinned
+    # version is fetched once into the home's downloads/ and the same folder is returned after that
+    # (training keys its checkpoints on it); an alias moves, so it is fetched afresh.
+    pinned = Path(tracking.resolve_model_uri(phase1["uri"]))
+    assert same_tree(final, pinned)
+    assert pinned.parent == mlflow_home / "downloads" and (pinned.parent / f"{pinned.name}.complete").is_file()
+    (pinned / "config.json").write_text("{}")  # a second call must not download again
+    assert Path(tracking.resolve_model_uri(phase1["uri"])) == pinned and (pinned / "config.json").read_text() == "{}"
+    shutil.rmtree(pinned)  # a marker without its folder is not trusted
     assert same_tree(final, Path(tracking.resolve_model_uri(phase1["uri"])))
-    assert same_tree(tiny_model_dir, Path(tracking.resolve_model_uri(f"models:/{name}@base")))
+    by_alias = Path(tracking.resolve_model_uri(f"models:/{name}@base"))
+    assert same_tree(tiny_model_dir, by_alias) and by_alias.parent != mlflow_home / "downloads"
 
     # Registering again finds the version on the server; nothing new.
     assert stages.register(cfg, "phase1", str(final), base) == phase1

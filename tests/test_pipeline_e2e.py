@@ -1,9 +1,11 @@
 """The whole flow, end to end, on a shrunk embedded config: the real CLI, Prefect's
 ephemeral server, the sqlite MLflow registry, real PPO on a tiny Qwen2 model.
 
-Run twice against one registry: a permissive gate promotes the candidate; a strict
-gate (with a changed PPO seed, so both phases retrain) refuses it, exits 3, and
-leaves ``champion`` where it was.
+Run five times against one registry: a permissive gate promotes the candidate; a
+strict gate (with a changed PPO seed, so both phases retrain) refuses it, exits 3,
+and leaves ``champion`` where it was; the same command again reuses every stage;
+a changed phase-2 setting re-trains phase 2 alone; a changed evaluation setting
+re-evaluates and trains nothing.
 """
 
 from __future__ import annotations
@@ -97,9 +99,18 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
     assert (home / "evaluations" / "reports").is_dir()
     # The Prefect UI's artifacts, read from the (stopped) local server's database.
     with sqlite3.connect(home / "prefect" / "prefect.db") as db:
-        keys = {row[0] for row in db.execute("select key from artifact")}
+        artifacts = {key: (kind, data) for key, kind, data in db.execute("select key, type, data from artifact")}
     assert {"pipeline-summary", "evaluation-report", "curation-pass-rates", "phase1-metrics",
-            "phase2-metrics"} <= keys
+            "phase2-metrics", "gate-verdict"} <= set(artifacts)
+    kind, data = artifacts["gate-verdict"]
+    rows = json.loads(json.loads(data)) if isinstance(json.loads(data), str) else json.loads(data)
+    assert kind == "table" and rows[-1]["criterion"] == "VERDICT" and rows[-1]["passed"] is True
+    assert [r["criterion"] for r in rows[:-1]] == [c["name"] for c in summary["gate"]["criteria"]]
+    # The plots are in the UI itself: image artifacts carrying the PNG.
+    for plot in ("training-curves", "pass-rates", "accuracy-vs-length", "length-histograms"):
+        kind, data = artifacts[f"plot-{plot}"]
+        assert kind == "image" and json.loads(data).startswith("data:image/png;base64,iVBORw0KGgo"), plot
+    assert "image artifact `plot-training-curves`" in artifacts["pipeline-summary"][1]
 
     v = versions(home)
     assert sorted(v) == ["1", "2", "3"]
@@ -161,3 +172,43 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
     assert sorted(versions(home)) == ["1", "2", "3", "4", "5"], "a re-run registers nothing new"
     assert train_runs(home) == train_runs_before, "a re-run opens no training run"
     assert alias(home, "champion") == "3"
+
+    # ---- run 4: one phase-2 setting changes: only phase 2 and what follows it run again
+    strict = ["ppo.seed=1", "gate.min_length_reduction_pct=99", "gate.max_accuracy_drop=1.0"]
+    before = stage_counts(home)
+    fourth = run_cli(home, *strict, "phase2.ppo.steps=3")
+    assert fourth.returncode == 3, fourth.stderr[-4000:]
+    after = stage_counts(home)
+    assert after["curation"] == before["curation"], "curation does not depend on phase 2"
+    assert after["train-phase1"] == before["train-phase1"], "phase 1 does not depend on phase 2"
+    assert after["train-phase2"] == before["train-phase2"] + 1
+    v = versions(home)
+    assert sorted(v) == ["1", "2", "3", "4", "5", "6"]
+    assert v["6"].tags["phase"] == "2" and v["6"].tags["parent_version"] == "4" and v["6"].tags["ppo_steps"] == "3"
+    assert after["evaluated"] - before["evaluated"] == {"v6"}, "base and phase 1 evaluations are reused"
+
+    # ---- run 5: one evaluation setting changes: nothing trains or registers, every model is evaluated again
+    fifth = run_cli(home, *strict, "phase2.ppo.steps=3", "evaluation.max_new_tokens=24")
+    assert fifth.returncode == 3, fifth.stderr[-4000:]
+    final = stage_counts(home)
+    assert {k: final[k] for k in ("curation", "train-phase1", "train-phase2")} == {
+        k: after[k] for k in ("curation", "train-phase1", "train-phase2")}
+    assert sorted(versions(home)) == ["1", "2", "3", "4", "5", "6"]
+    assert final["evaluation_folders"] == after["evaluation_folders"] + 3
+    summary = json.loads((home / "reports" / "latest" / "summary.json").read_text())
+    assert all(m["mean_length"] <= 24 for m in summary["models"]["phase2"]["eval"]["heldout"].values())
+
+
+def stage_counts(home: Path) -> dict:
+    """How many times each stage has done work in ``home``: curation folders, training runs, evaluations."""
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}", f"sqlite:///{home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("concise-rl-demo")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage LIKE 'train-%'")
+    folders = [p for p in (home / "evaluations").glob(f"{MODEL}-v*") if (p / "summary.json").is_file()]
+    return {
+        "curation": len([p for p in (home / "curation").iterdir() if (p / "done.json").is_file()]),
+        "train-phase1": sum(r.data.tags["stage"] == "train-phase1" for r in runs),
+        "train-phase2": sum(r.data.tags["stage"] == "train-phase2" for r in runs),
+        "evaluation_folders": len(folders),
+        "evaluated": {p.name[len(MODEL) + 1:].split("-")[0] for p in folders},
+    }

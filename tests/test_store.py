@@ -446,3 +446,59 @@ def test_cli_reports_an_unreachable_store_in_one_line(tmp_path, tiny_model_dir):
     uri = f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
     client = MlflowClient(uri, uri)
     assert client.search_model_versions("name = 'concise-rl-demo'") == []
+
+
+def test_ppo_checkpoints_are_mirrored_and_a_new_machine_resumes_from_the_store(s3_server, tmp_path, tiny_model_dir,
+                                                                                mlflow_home, caplog):
+    """With an s3:// store every checkpoint is also committed there; a machine without it resumes from that copy."""
+    import logging
+
+    import torch
+    from safetensors.torch import load_file
+
+    from concise_rl import paths
+    from concise_rl.problems import save_problems
+    from concise_rl.synthetic import generate_problems
+    from tasks import stages
+
+    problems = tmp_path / "problems.jsonl"
+    save_problems(generate_problems(4, seed=0), problems)
+    ppo = {"steps": 2, "prompts_per_step": 2, "samples_per_prompt": 2, "mini_batch_size": 2, "micro_batch_size": 1,
+           "max_new_tokens": 16, "warmup_ratio": 0.0, "checkpoint_every": 1}
+    cfg = PipelineConfig(model={"name_or_path": str(tiny_model_dir)}, ppo=ppo,
+                         store=s3_server.store_config("mirror").model_dump())
+    assert stages._CheckpointMirror.enabled(cfg)
+    final = Path(stages.train_phase(cfg, "phase1", str(tiny_model_dir), str(problems)))
+    trained = load_file(str(final / "model.safetensors"))
+    history = (paths.checkpoints("phase1") / "metrics.jsonl").read_text()
+
+    store = ArtifactStore(cfg.store)
+    runs = f"s3://{BUCKET}/mirror/runs/{cfg.registry.model_name}/phase1"
+    (key,) = {k.split("/")[0] for k in store._folder(runs).sizes()}
+    root = f"{runs}/{key}"
+    assert store.read_text(f"{root}/LATEST") == "step-000002"
+    assert store.read_manifest(f"{root}/step-000001") is None, "the older mirrored checkpoint is deleted"
+    files = store.verify(f"{root}/step-000002")["files"]
+    assert {"policy/model.safetensors", "critic.safetensors", "optim.pt", "rng.pt", "trainer_state.json",
+            "metrics.jsonl"} <= set(files)
+
+    # A new machine: nothing local. The same call restores step 2 from the store and finishes from it.
+    shutil.rmtree(paths.checkpoints("phase1"))
+    with caplog.at_level(logging.INFO):
+        again = Path(stages.train_phase(cfg, "phase1", str(tiny_model_dir), str(problems)))
+    assert "restored checkpoint step-000002" in caplog.text and "resumed PPO from" in caplog.text
+    restored = load_file(str(again / "model.safetensors"))
+    assert all(torch.equal(trained[k], restored[k]) for k in trained)
+    assert (paths.checkpoints("phase1") / "metrics.jsonl").read_text() == history, "the history came with it"
+
+    # The same store folder serves --model s3://...: downloaded once, every file checked.
+    upload = store.upload_checkpoint(again, model_name=cfg.registry.model_name, phase="phase1")
+    local = Path(stages.local_model_dir(cfg, upload.uri))
+    def files_of(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+                if p.is_file() and p.name != MANIFEST}
+
+    assert files_of(local) == files_of(again) and local.parent == mlflow_home / "downloads"
+    assert stages.local_model_dir(cfg, upload.uri) == str(local)
+    with pytest.raises(StoreError, match="not a committed checkpoint folder"):
+        stages.local_model_dir(cfg, f"s3://{BUCKET}/mirror/no-such-folder")

@@ -118,6 +118,8 @@ class PPOTrainer:
     Under N processes (``accelerate launch``) every process runs this with the same
     arguments; ``on_step`` is called on every process with the same metrics (those of
     the whole step), and ``out_dir`` must be one folder all processes see.
+    ``on_checkpoint`` is called on the main process with each checkpoint folder once
+    it is complete and ``latest`` points at it (the pipeline mirrors it to the store).
     """
 
     def __init__(
@@ -134,6 +136,8 @@ class PPOTrainer:
         keep_checkpoints: int = 2,
         accelerator: Accelerator | None = None,
         scorer: Scorer | None = None,
+        start_key: str | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None,
     ):
         if not problems:
             raise ValueError("PPO needs at least one training problem; the problem set is empty")
@@ -146,14 +150,18 @@ class PPOTrainer:
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.on_step = on_step
+        self.on_checkpoint = on_checkpoint
         self.keep_checkpoints = keep_checkpoints
         self.accelerator = accelerator or Accelerator()
         self.world = self.accelerator.num_processes
         self._check_divides_across_processes()
-        # What makes a checkpoint resumable by this run: same start, data and settings.
+        # What makes a checkpoint resumable by this run: same start, data and settings. The start
+        # is ``start_key`` where given (the pipeline passes the registry URI, models:/NAME/N, which
+        # stays the same when the version's files are downloaded to another folder), else the path.
         self.problems_hash = problems_hash(problems)
         self.run_key = stable_hash(
-            {"policy": str(policy_path), "problems": self.problems_hash, "ppo": ppo_cfg.model_dump(mode="json")}
+            {"policy": start_key or str(policy_path), "problems": self.problems_hash,
+             "ppo": ppo_cfg.model_dump(mode="json")}
         )
         if self.world > 1:
             # One key for all: a process may have resolved the start model to a path of its own.
@@ -542,6 +550,12 @@ class PPOTrainer:
             return final
         return None
 
+    def resumable_step(self) -> int | None:
+        """The step of this run's last checkpoint, if there is one to resume from (else None)."""
+        latest = self._latest_checkpoint()
+        state = self._read_state(latest / "trainer_state.json") if latest else None
+        return int(state["step"]) if state and state.get("run_key") == self.run_key else None
+
     def train(self) -> Path:
         """Run PPO to ``cfg.steps`` (resuming from the last checkpoint) and return the final policy dir."""
         done = self.finished()
@@ -654,6 +668,9 @@ class PPOTrainer:
                 {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                 tmp / "rng.pt",
             )
+            metrics = self.out_dir / "metrics.jsonl"
+            if metrics.is_file():  # the history so far: a checkpoint copied to a new machine carries it
+                shutil.copy(metrics, tmp / "metrics.jsonl")
             (tmp / "trainer_state.json").write_text(
                 json.dumps({"step": self.step, "run_key": self.run_key, "base_policy": str(self.policy_path)})
             )
@@ -664,6 +681,8 @@ class PPOTrainer:
             os.replace(pointer_tmp, self.ckpt_dir / "latest")
             self._prune_checkpoints()
             log.info("checkpoint %s written", path)
+            if self.on_checkpoint:
+                self.on_checkpoint(path)
         acc.wait_for_everyone()
         return path
 
@@ -695,6 +714,8 @@ class PPOTrainer:
         torch.set_rng_state(rng["torch"])
         self.step = json.loads((path / "trainer_state.json").read_text())["step"]
         metrics = self.out_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process and not metrics.is_file() and (path / "metrics.jsonl").is_file():
+            shutil.copy(path / "metrics.jsonl", metrics)  # restored from a store: the history came with it
         if self.accelerator.is_main_process and metrics.is_file():
             kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
             metrics.write_text("".join(line + "\n" for line in kept))
