@@ -375,7 +375,8 @@ def _explicit_model(cfg, uri: str, option: str = "--model") -> dict[str, str]:
         version = client.get_model_version_by_alias(name, ref) if "@" in uri else client.get_model_version(name, ref)
         return {"version": str(version.version), "uri": tracking.model_uri(name, version.version)}
     if not Path(uri).is_dir():
-        raise FileNotFoundError(f"{option} {uri}: not a models:/ URI and not a model directory")
+        raise FileNotFoundError(f"{option} {uri}: not a models:/ URI and not a model directory; pass a local model "
+                                "folder, models:/NAME/VERSION or models:/NAME@ALIAS")
     return {"version": "local", "uri": uri}
 
 
@@ -638,7 +639,9 @@ def _cmd_models(args, cfg) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=escape(f"{cfg.registry.model_name} in {tracking.tracking_uri(cfg)}"))
+    from concise_rl.config import redact_url
+
+    table = Table(title=escape(f"{cfg.registry.model_name} in {redact_url(tracking.tracking_uri(cfg))}"))
     figures = "figures: accuracy (paired change vs parent [95% CI], points), mean length, length cut vs parent"
     for col in ("version", "aliases", "phase", "parent", "created (UTC)", "gate", figures):
         table.add_column(escape(col))
