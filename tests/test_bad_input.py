@@ -11,8 +11,11 @@ reaches the user as bad input from the command line, before any work is kept.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -156,3 +159,24 @@ def test_bad_input_exits_2_with_a_message_and_keeps_nothing(case, tiny_model_dir
     assert registered_versions(home) == 0
     kept = sorted(p.relative_to(home).as_posix() for p in home.rglob("*") if p.is_file()) if home.exists() else []
     assert all(f == "mlflow.db" or f.startswith("locks/") for f in kept), kept
+
+
+@pytest.mark.slow
+def test_run_stops_at_an_empty_phase2_band_before_either_phase_trains(tiny_model_dir, tmp_path):
+    """The whole flow (Prefect, the real CLI in a subprocess): the base is registered first, then curation
+    finds no phase-2 problem and the run stops with exit 2; no phase is trained or registered."""
+    home = tmp_path / "home"
+    args = [sys.executable, "-m", "concise_rl.cli", "run", "--config", DEMO, "--set",
+            f"model.name_or_path={tiny_model_dir}", *ROOMY]
+    for item in ("curation.candidates.num_problems=3", "curation.samples_per_problem=1", "curation.max_new_tokens=4",
+                 "curation.phase2_band={low: 0.4, high: 0.6}", "grader.workers=1"):
+        args += ["--set", item]
+    env = {**os.environ, "CONCISE_RL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-3000:]
+    ours = [line for line in done.stderr.splitlines() if line.startswith("concise-rl run: ")]
+    assert len(ours) == 1 and "curation.phase2_band [0.4, 0.6]" in ours[0] and "widen the band" in ours[0]
+    with sqlite3.connect(home / "mlflow.db") as con:
+        phases = con.execute("SELECT value FROM model_version_tags WHERE key = 'phase'").fetchall()
+    assert registered_versions(home) == 1 and phases == [("base",)]
+    assert not (home / "checkpoints").exists() and not (home / "curation" / "latest").exists()
