@@ -495,7 +495,10 @@ def _labelled_models(cfg, items: list[str]) -> dict[str, dict[str, str]]:
         if not sep or label.startswith("models:"):
             label, uri = None, item
         info = _explicit_model(cfg, uri)
-        label = label or (f"v{info['version']}" if info["version"] != "local" else Path(uri).name)
+        label = label or (f"v{info['version']}" if info["version"] != "local" else Path(uri).resolve().name)
+        if label in (".", "..") or "/" in label or "\\" in label:
+            raise ConfigError(f"--model {item!r}: label {label!r} would be a path (labels name MLflow artifact "
+                              "folders); write LABEL=URI with a plain name")
         if label in models:
             raise ConfigError(f"--model {item!r}: label {label!r} is used twice; write LABEL=URI to tell them apart")
         models[label] = info

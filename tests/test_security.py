@@ -156,6 +156,13 @@ def test_a_model_name_that_is_a_path_is_refused(name, tmp_path, monkeypatch, cap
     assert "registry.model_name" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("label", ["../../x", "a/b", ".."])
+def test_an_evaluation_label_that_is_a_path_is_refused(label, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CONCISE_RL_HOME", str(tmp_path / "home"))
+    assert main(["evaluate", "--model", f"{label}={tiny_model_dir}"]) == EXIT_BAD_INPUT
+    assert f"label {label!r} would be a path" in capsys.readouterr().err
+
+
 def test_store_keys_and_manifests_cannot_leave_their_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("CONCISE_RL_HOME", str(tmp_path / "home"))
     store = ArtifactStore()
