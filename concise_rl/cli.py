@@ -381,7 +381,8 @@ def _explicit_model(cfg, uri: str, option: str = "--model") -> dict[str, str]:
         return {"version": "local", "uri": uri}
     if not Path(uri).is_dir():
         raise FileNotFoundError(f"{option} {uri}: not a models:/ URI, not an s3:// checkpoint folder and not a "
-                                f"model directory")
+                                "model directory; pass a local model folder, models:/NAME/VERSION, "
+                                "models:/NAME@ALIAS or a version's checkpoint_uri")
     return {"version": "local", "uri": uri}
 
 
@@ -500,7 +501,10 @@ def _labelled_models(cfg, items: list[str]) -> dict[str, dict[str, str]]:
         if not sep or label.startswith("models:"):
             label, uri = None, item
         info = _explicit_model(cfg, uri)
-        label = label or (f"v{info['version']}" if info["version"] != "local" else Path(uri).name)
+        label = label or (f"v{info['version']}" if info["version"] != "local" else Path(uri).resolve().name)
+        if label in (".", "..") or "/" in label or "\\" in label:
+            raise ConfigError(f"--model {item!r}: label {label!r} would be a path (labels name MLflow artifact "
+                              "folders); write LABEL=URI with a plain name")
         if label in models:
             raise ConfigError(f"--model {item!r}: label {label!r} is used twice; write LABEL=URI to tell them apart")
         models[label] = info
@@ -644,7 +648,9 @@ def _cmd_models(args, cfg) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=escape(f"{cfg.registry.model_name} in {tracking.tracking_uri(cfg)}"))
+    from concise_rl.config import redact_url
+
+    table = Table(title=escape(f"{cfg.registry.model_name} in {redact_url(tracking.tracking_uri(cfg))}"))
     figures = "figures: accuracy (paired change vs parent [95% CI], points), mean length, length cut vs parent"
     for col in ("version", "aliases", "phase", "parent", "created (UTC)", "gate", figures):
         table.add_column(escape(col))

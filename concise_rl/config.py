@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -261,7 +262,11 @@ class GraderConfig(_Strict):
 
 
 class RegistryConfig(_Strict):
-    model_name: str = Field("concise-rl-demo", min_length=1)
+    model_name: str = Field(
+        "concise-rl-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="letters, digits, '.', '_' and '-', starting with a letter or digit: it names folders and store "
+        "keys (checkpoints/MODEL/, locks/MODEL.lock), so it cannot hold a path",
+    )
     experiment: str = Field("concise-rl", min_length=1)
     tracking_uri: str | None = Field(None, description="default: sqlite store under CONCISE_RL_HOME")
 
@@ -347,12 +352,29 @@ class PipelineConfig(_Strict):
         except ValidationError as exc:
             raise ValueError(f"{phase}.ppo: {_describe(exc, prefix=f'{phase}.ppo')}") from None
 
+    def loggable(self) -> dict[str, Any]:
+        """The config as JSON-able data with any user:password part of its URLs removed (MLflow params)."""
+        data = self.model_dump(mode="json")
+        for section, key in (("store", "endpoint_url"), ("store", "uri"), ("registry", "tracking_uri")):
+            if data[section][key]:
+                data[section][key] = redact_url(data[section][key])
+        return data
+
     def config_hash(self) -> str:
         """A short stable hash of the whole config (the registry's `config_hash` tag).
 
         ``store`` is left out: where copies are kept does not change what is trained.
         """
         return stable_hash(self.model_dump(mode="json", exclude={"store"}))
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the user:password part of its authority, should it have one."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        return parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
+    return url
 
 
 def stable_hash(obj: Any) -> str:

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from concise_rl import paths
-from concise_rl.config import StoreConfig
+from concise_rl.config import StoreConfig, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -152,19 +152,12 @@ def _split_s3(uri: str) -> tuple[str, str]:
 def join(uri: str, *parts: str) -> str:
     """``uri`` with ``parts`` appended as path segments (S3 keys or local subfolders)."""
     parts = tuple(p.strip("/") for p in parts if p.strip("/"))
+    for part in parts:
+        if ".." in PurePosixPath(part).parts or "\\" in part:
+            raise StoreError(f"{part!r} would lead out of {uri}; store keys are relative paths without '..'")
     if is_s3(uri):
         return "/".join([uri.rstrip("/"), *parts])
     return _local_path(uri).joinpath(*parts).as_uri()
-
-
-def _redact(endpoint: str) -> str:
-    """An endpoint URL without any user:password part."""
-    parts = urlsplit(endpoint)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return parts._replace(netloc=netloc).geturl()
-    return endpoint
 
 
 # ----------------------------------------------------------------------------- backends
@@ -332,7 +325,7 @@ class ArtifactStore:
     @property
     def endpoint(self) -> str:
         if self.cfg.endpoint_url:
-            return _redact(self.cfg.endpoint_url)
+            return redact_url(self.cfg.endpoint_url)
         return f"AWS S3 ({self.cfg.region})" if self.cfg.region else "AWS S3"
 
     @property
@@ -408,8 +401,8 @@ class ArtifactStore:
     def _scrub(self, exc: BaseException) -> str:
         """An error's text without the user:password part of the endpoint, should it have one."""
         text, endpoint = str(exc), self.cfg.endpoint_url or ""
-        if endpoint and _redact(endpoint) != endpoint:
-            text = text.replace(endpoint.rstrip("/"), _redact(endpoint).rstrip("/"))
+        if endpoint and redact_url(endpoint) != endpoint:
+            text = text.replace(endpoint.rstrip("/"), redact_url(endpoint).rstrip("/"))
         return text
 
     def _folder(self, uri: str) -> _LocalFolder | _S3Folder:

@@ -8,7 +8,7 @@ from concise_rl.config import EvalConfig, PromptConfig
 from concise_rl.problems import Problem
 from evaluation.grader import grade_many
 from evaluation.metrics import summarise
-from training.generation import generate
+from training.generation import check_prompt_lengths, generate
 from training.models import format_prompt
 
 
@@ -30,10 +30,15 @@ def evaluate_model(
 
     summary: dict[str, dict[str, dict]] = {}
     records: list[dict] = []
+    # Every set's prompts are checked before the first is sampled: a prompt too long for the
+    # config fails the evaluation at once, not after the sets before it.
+    prompts = {name: [format_prompt(p.prompt, tokenizer, prompt) for p in problems] for name, problems in sets.items()}
     for name, problems in sets.items():
         if not problems:
             raise ValueError(f"evaluation set {name!r} is empty; check its source or limit")
-        texts = [format_prompt(p.prompt, tokenizer, prompt) for p in problems]
+        check_prompt_lengths(tokenizer, prompts[name], [f"{name}/{p.id}" for p in problems], prompt.max_prompt_tokens)
+    for name, problems in sets.items():
+        texts = prompts[name]
         summary[name] = {}
         for t in cfg.temperatures:
             k = 1 if t == 0 else cfg.samples

@@ -37,7 +37,7 @@ from evaluation.report import read_responses, write_report
 from tasks import publish, tracking
 from training import curation as curation_lib
 from training.embedded import build_embedded_model
-from training.models import embedded_dir, is_embedded, load_policy, load_tokenizer
+from training.models import check_model_path, embedded_dir, is_embedded, load_policy, load_tokenizer
 from training.trainer import PPOTrainer
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,10 @@ def _version_info(version) -> dict[str, str]:
 # --------------------------------------------------------------------------- base
 def prepare_base(cfg: PipelineConfig) -> dict[str, str]:
     """Build the embedded model if needed and register the base as a model version (once)."""
-    client = tracking.setup(cfg)
     source = cfg.model.name_or_path
+    if not is_embedded(cfg.model):
+        check_model_path(source)  # a missing local folder is bad input, not a hub id to download
+    client = tracking.setup(cfg)
     # The embedded model's folder name already hashes its config and build recipe.
     source_key = stable_hash(str(embedded_dir(cfg.model)) if is_embedded(cfg.model) else source)
     existing = tracking.find_version(client, cfg.registry.model_name, phase="base", source_key=source_key)

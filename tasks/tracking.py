@@ -31,7 +31,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from concise_rl import paths
-from concise_rl.config import PipelineConfig
+from concise_rl.config import PipelineConfig, redact_url
 from concise_rl.errors import TrackingServerError
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrackingServerError(
-            f"no MLflow server answers at registry.tracking_uri {uri} ({reason}); start it (for example "
+            f"no MLflow server answers at registry.tracking_uri {redact_url(uri)} ({reason}); start it (for example "
             f"`mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination s3://BUCKET/PREFIX`) "
             f"or fix registry.tracking_uri (unset, the local sqlite store under the concise-rl home is used)"
         ) from None
@@ -106,7 +106,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 @contextlib.contextmanager
 def stage_run(cfg: PipelineConfig, stage: str, *, resume_run_id: str | None = None,
               **tags: str) -> Iterator[mlflow.ActiveRun]:
-    """One MLflow run per pipeline stage, with the whole config as params.
+    """One MLflow run per pipeline stage, with the whole config as params (credentials in URLs removed).
 
     ``resume_run_id`` reopens an earlier run of the same stage (one a crash left
     RUNNING or FAILED) instead of starting a new one, so an interrupted training
@@ -120,7 +120,7 @@ def stage_run(cfg: PipelineConfig, stage: str, *, resume_run_id: str | None = No
         return
     with mlflow.start_run(run_name=stage, tags={"stage": stage, "config_hash": cfg.config_hash(), **tags}) as run:
         params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
-                  for k, v in _flatten(cfg.model_dump(mode="json")).items()}
+                  for k, v in _flatten(cfg.loggable()).items()}
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         yield run
 
@@ -287,7 +287,7 @@ def describe_versions(cfg: PipelineConfig) -> list[dict[str, Any]]:
     try:
         model = client.get_registered_model(name)
     except MlflowException as exc:
-        raise LookupError(f"no registered model {name!r} in the tracking store {tracking_uri(cfg)}; "
+        raise LookupError(f"no registered model {name!r} in the tracking store {redact_url(tracking_uri(cfg))}; "
                           f"register one first (concise-rl run, curate or train)") from exc
     aliases: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from concise_rl.config import Band, CurationConfig, PromptConfig, RewardConfig
 from concise_rl.errors import CurationError
 from concise_rl.problems import Problem
-from training.generation import generate
+from training.generation import check_prompt_lengths, generate
 from training.models import format_prompt
 from training.reward import score_responses
 
@@ -38,7 +38,9 @@ def measure_pass_rates(
 ) -> list[PassRate]:
     """Sample ``cfg.samples_per_problem`` responses per problem and count the correct ones."""
     k = cfg.samples_per_problem
-    prompts = [format_prompt(p.prompt, tokenizer, prompt) for p in problems for _ in range(k)]
+    texts = [format_prompt(p.prompt, tokenizer, prompt) for p in problems]
+    check_prompt_lengths(tokenizer, texts, [p.id for p in problems], prompt.max_prompt_tokens)
+    prompts = [text for text in texts for _ in range(k)]
     gen = generate(
         model,
         tokenizer,

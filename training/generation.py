@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from concise_rl.errors import ConfigError
 from training import kv_decode
 from training.ppo import response_mask
 
@@ -41,6 +42,19 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def check_prompt_lengths(tokenizer, prompts: list[str], names: list[str], max_prompt_tokens: int) -> None:
+    """Refuse prompts longer than ``prompt.max_prompt_tokens`` before any sampling, naming the longest one's problem."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
+    over = [(n, name) for n, name in zip(lengths, names) if n > max_prompt_tokens]
+    if over:
+        longest, name = max(over)
+        raise ConfigError(
+            f"problem {name!r}: its prompt is {longest} tokens, over prompt.max_prompt_tokens={max_prompt_tokens} "
+            f"({len(over)} of {len(prompts)} prompts are too long); raise prompt.max_prompt_tokens to at least "
+            f"{longest} or shorten or drop those problems"
+        )
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -70,7 +84,7 @@ def generate(
     prompt_ids, prompt_mask = enc.input_ids, enc.attention_mask
     if max_prompt_tokens is not None and prompt_ids.shape[1] > max_prompt_tokens:
         longest = int(prompt_mask.sum(1).argmax())
-        raise ValueError(
+        raise ConfigError(
             f"prompt {longest} is {int(prompt_mask[longest].sum())} tokens, over prompt.max_prompt_tokens="
             f"{max_prompt_tokens}; raise prompt.max_prompt_tokens or shorten the problem"
         )

@@ -6,6 +6,8 @@ loaded with ``from_pretrained``; remote code runs only when the config allows it
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -46,7 +48,8 @@ def _looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
 
 
-def _check_local(name_or_path: str) -> None:
+def check_model_path(name_or_path: str) -> None:
+    """Refuse a local-looking model path that is not a directory (before it is taken for a hub id)."""
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
         raise ModelLoadError(
             f"model path {name_or_path} does not exist or is not a directory; "
@@ -54,9 +57,25 @@ def _check_local(name_or_path: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _no_remote_code(name_or_path: str) -> Iterator[None]:
+    """transformers refuses a model whose config points at its own code (auto_map) unless trusted: say what to set."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ModelLoadError(
+            f"model {name_or_path} ships its own Python code (auto_map in its config), and model.trust_remote_code "
+            "is false, so that code was not run; set model.trust_remote_code=true only if you trust the code, "
+            "or use a model transformers supports without it"
+        ) from None
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, prompt: PromptConfig | None = None):
-    _check_local(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    check_model_path(name_or_path)
+    with _no_remote_code(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if prompt is not None and prompt.use_chat_template and not tokenizer.chat_template:
         raise ModelLoadError(
             f"tokenizer of {name_or_path} has no chat template; add one to tokenizer_config.json "
@@ -70,10 +89,11 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, prompt
 
 
 def load_policy(name_or_path: str, cfg: ModelConfig, device: torch.device | str = "cpu"):
-    _check_local(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-    )
+    check_model_path(name_or_path)
+    with _no_remote_code(name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if is_deepspeed_zero3_enabled():
@@ -94,14 +114,15 @@ class Critic(nn.Module):
     @classmethod
     def from_policy(cls, name_or_path: str, cfg: ModelConfig, device: torch.device | str = "cpu") -> Critic:
         """Initialise the critic from the policy's weights, as the paper's code does."""
-        _check_local(name_or_path)
+        check_model_path(name_or_path)
         # Loading the body alone leaves the LM head unused; that is the point, not a warning.
         previous = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            backbone = AutoModel.from_pretrained(
-                name_or_path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-            )
+            with _no_remote_code(name_or_path):
+                backbone = AutoModel.from_pretrained(
+                    name_or_path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+                )
         finally:
             hf_logging.set_verbosity(previous)
         if cfg.gradient_checkpointing:

@@ -40,7 +40,7 @@ from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.problems import Problem, problems_hash
 from evaluation.grader import Grade
 from training import ppo
-from training.generation import Generation, generate
+from training.generation import Generation, check_prompt_lengths, generate
 from training.models import Critic, format_prompt, load_policy, load_tokenizer
 from training.reward import score_responses
 
@@ -167,6 +167,11 @@ class PPOTrainer:
             # One key for all: a process may have resolved the start model to a path of its own.
             self.run_key = broadcast_object_list([self.run_key])[0]
         self.step = 0
+        # The prompts are checked here, before any model is loaded or step is taken, so a problem
+        # whose prompt cannot fit fails the run at once instead of at the step that first draws it.
+        self.tokenizer = load_tokenizer(policy_path, trust_remote_code=model_cfg.trust_remote_code, prompt=prompt_cfg)
+        self.prompts = [format_prompt(p.prompt, self.tokenizer, prompt_cfg) for p in problems]
+        check_prompt_lengths(self.tokenizer, self.prompts, [p.id for p in problems], prompt_cfg.max_prompt_tokens)
 
     def _check_divides_across_processes(self) -> None:
         n, cfg = self.world, self.cfg
@@ -186,9 +191,6 @@ class PPOTrainer:
         acc = self.accelerator
         self._zero = zero_stage(acc)
         self._seed_everything(self.cfg.seed)
-        self.tokenizer = load_tokenizer(
-            self.policy_path, trust_remote_code=self.model_cfg.trust_remote_code, prompt=self.prompt_cfg
-        )
         if self._zero is not None:
             self._configure_deepspeed()
         policy = load_policy(self.policy_path, self.model_cfg)
@@ -224,7 +226,6 @@ class PPOTrainer:
             self.policy, self.opt_actor = acc.prepare(policy, opt_actor)
             self.critic, self.opt_critic = acc.prepare(critic, opt_critic)
             self.ref = prepare_deepspeed(self.ref, acc)
-        self.prompts = [format_prompt(p.prompt, self.tokenizer, self.prompt_cfg) for p in self.problems]
 
     def _configure_deepspeed(self) -> None:
         """Settings the DeepSpeed config must take from the PPO config (no dataloader sets them)."""
