@@ -207,9 +207,11 @@ def test_cli_reports_a_full_disk_in_one_line_and_leaves_no_partial_checkpoint(ti
                                                                               monkeypatch, capsys):
     from concise_rl import cli
     from concise_rl.problems import save_problems
+    from evaluation import grader
 
     home = tmp_path / "home"
     monkeypatch.setenv("CONCISE_RL_HOME", str(home))
+    monkeypatch.setattr(grader, "_default", grader._default)  # main() configures the process-wide grader
     disk = small_disk("home/checkpoints", size_kb=64)  # smaller than one checkpoint of the tiny model
     problems = tmp_path / "problems.jsonl"
     save_problems(PROBLEMS, problems)
@@ -220,7 +222,9 @@ def test_cli_reports_a_full_disk_in_one_line_and_leaves_no_partial_checkpoint(ti
         args += ["--set", item]
     capsys.readouterr()
     assert cli.main(args) == 1
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (last,) = [line for line in err.splitlines() if line.startswith("concise-rl train:")]
     assert last.startswith("concise-rl train: no space left on the disk of ")
     assert str(disk / "phase1" / "checkpoints") in last and "step-000001" in last
     assert "CONCISE_RL_HOME" in last and "run the same command again" in last
