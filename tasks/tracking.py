@@ -133,6 +133,8 @@ class StepMetrics:
     (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``); if the
     call still fails, the step's metrics are kept, with their step and time, and sent with
     the next step's. Training goes on meanwhile, and metrics.jsonl has every step on disk.
+    A batch the server stored but could not answer for is sent again unchanged, timestamp
+    included, and MLflow's store drops such an exact repeat, so no step is logged twice.
     :meth:`flush`, after training, waits for the server (with backoff, up to ``wait_s``)
     and sends what is left, so the run ends with every step's metrics.
     """

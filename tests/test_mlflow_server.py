@@ -210,7 +210,7 @@ def test_training_rides_out_a_tracking_server_restart(servers, tmp_path, tiny_mo
                                         f"{err.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no PPO step within 300 s"
             time.sleep(0.05)
-        server.stop()
+        kill(server)  # the server dies at once, mid-run, as in a crash or a pod eviction
         done_at_stop = len(metrics.read_text().splitlines())
         time.sleep(3)
         server.start()  # same port, same sqlite backend
@@ -236,3 +236,10 @@ def test_training_rides_out_a_tracking_server_restart(servers, tmp_path, tiny_mo
     (version,) = client.search_model_versions("name = 'concise-rl-demo'")
     assert version.tags["phase"] == "1" and version.tags["ppo_steps"] == str(steps)
     assert client.get_model_version_by_alias("concise-rl-demo", "phase1").version == version.version
+    kill(server)  # nothing more to write: no need to wait for a graceful shutdown
+
+
+def kill(server: MlflowServer) -> None:
+    """SIGKILL to the server's whole process group, and wait for it to be gone."""
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(timeout=30)

@@ -697,11 +697,12 @@ class PPOTrainer:
         text = (f"no space left on the disk of {self.ckpt_dir} to write {what} ({folder}): "
                 f"{human_bytes(written)} written when it failed, {human_bytes(free)} free")
         if latest is None:
-            return (f"{text}. The partial folder was removed (no checkpoint of this run exists yet). Free space on that "
-                    f"disk or point CONCISE_RL_HOME at a larger one, and run the same command again")
-        return (f"{text}; the last checkpoint takes {human_bytes(need)}. The partial folder was removed; {latest.name} is "
-                f"intact and `latest` still points at it. Free at least {human_bytes(need)} on that disk (or point "
-                f"CONCISE_RL_HOME at a larger one) and run the same command again: it resumes from {latest.name}")
+            return (f"{text}. The partial folder was removed (no checkpoint of this run exists yet). Free space "
+                    f"on that disk or point CONCISE_RL_HOME at a larger one, and run the same command again")
+        return (f"{text}; the last checkpoint takes {human_bytes(need)}. The partial folder was removed; "
+                f"{latest.name} is intact and `latest` still points at it. Free at least {human_bytes(need)} on "
+                f"that disk (or point CONCISE_RL_HOME at a larger one) and run the same command again: it resumes "
+                f"from {latest.name}")
 
     def _save_policy(self, out: Path, state: dict[str, torch.Tensor] | None) -> None:
         """The policy in Hugging Face format; ``state``: its full weights where they are sharded (ZeRO-3)."""
