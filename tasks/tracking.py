@@ -175,7 +175,7 @@ class StepMetrics:
         return True
 
     def flush(self) -> None:
-        """Send what is still pending, waiting for the server with backoff (1 s doubling to 30 s, up to ``wait_s``)."""
+        """Send what is still pending, waiting for the server with backoff (1 s doubling to 5 s, up to ``wait_s``)."""
         deadline, delay = time.monotonic() + self.wait_s, 1.0
         while self.pending and not self._send():
             if time.monotonic() + delay > deadline:
@@ -185,7 +185,7 @@ class StepMetrics:
                             mlflow.get_tracking_uri(), self.wait_s, steps[0], steps[-1])
                 return
             time.sleep(delay)
-            delay = min(2 * delay, 30.0)
+            delay = min(2 * delay, 5.0)  # a server back up is noticed within 5 s
 
 
 def _first_line(exc: BaseException) -> str:

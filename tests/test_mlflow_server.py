@@ -212,8 +212,8 @@ def test_training_rides_out_a_tracking_server_restart(servers, tmp_path, tiny_mo
             time.sleep(0.05)
         kill(server)  # the server dies at once, mid-run, as in a crash or a pod eviction
         done_at_stop = len(metrics.read_text().splitlines())
-        time.sleep(3)
-        server.start()  # same port, same sqlite backend
+        time.sleep(1)
+        server.start()  # same port, same sqlite backend: up again some seconds after the kill
         assert proc.wait(timeout=300) == 0, err.read_text()[-4000:]
     finally:
         if proc.poll() is None:
