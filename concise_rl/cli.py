@@ -704,7 +704,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _setup_environment()
     from concise_rl.config import load_config
-    from concise_rl.errors import ConfigError, CurationError, ModelLoadError, ProblemLoadError, TrackingServerError
+    from concise_rl.errors import (
+        ConfigError,
+        CurationError,
+        DiskFullError,
+        ModelLoadError,
+        ProblemLoadError,
+        TrackingServerError,
+    )
     from concise_rl.locking import RegistryBusyError
     from concise_rl.store import StoreError
 
@@ -739,6 +746,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except TrackingServerError as exc:  # registry.tracking_uri names a server that does not answer
         print(f"concise-rl {args.command}: tracking server: {exc}", file=sys.stderr)
+        return 1
+    except DiskFullError as exc:  # a checkpoint did not fit: the message names the folder and what to free
+        print(f"concise-rl {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("concise-rl: interrupted; finished stages and the last checkpoint are kept, run again to resume",

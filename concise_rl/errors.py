@@ -6,6 +6,8 @@ torch first; each message names the input and says what to change.
 
 from __future__ import annotations
 
+import errno
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used."""
@@ -25,3 +27,15 @@ class CurationError(ValueError):
 
 class TrackingServerError(RuntimeError):
     """registry.tracking_uri names an MLflow server that does not answer (the CLI exits 1, in one line)."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint or model folder could not be written for lack of disk space (the CLI exits 1, in one line).
+
+    Nothing half-written is left behind: the folder being written is removed and the
+    previous checkpoint, still the one ``latest`` points at, is kept for a resume.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC

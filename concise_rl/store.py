@@ -393,7 +393,7 @@ class ArtifactStore:
                         f"store.max_attempts for a flaky link"
                     ) from None
                 delay = min(self.cfg.retry_base_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
-                log.warning("%s failed (try %d of %d, %s): %s; retrying in %.1f s",
+                log.warning("%s failed (try %d of %d, %s): %s; retrying in %.3g s",
                             what, attempt, attempts, self.endpoint, self._scrub(exc), delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")

@@ -300,6 +300,9 @@ def train_phase(
     problems = load_problems(problems_path)
     ppo_cfg = cfg.ppo_for(phase)
     acc = acc or accelerator(cfg)
+    # Each step's metrics to the stage's MLflow run; a tracking server that stops answering mid-run
+    # does not stop training (the metrics wait, and are sent once it answers again).
+    step_metrics = tracking.StepMetrics()
     with acc.main_process_first():  # one process creates the tracking store, then the others read it
         tracking.setup(cfg)
         policy_path = local_model_dir(cfg, model_uri)
@@ -312,7 +315,7 @@ def train_phase(
         model_cfg=cfg.model,
         prompt_cfg=cfg.prompt,
         reward_cfg=cfg.reward,
-        on_step=(lambda step, metrics: tracking.log_metrics(metrics, step=step)) if acc.is_main_process else None,
+        on_step=step_metrics if acc.is_main_process else None,
         accelerator=acc,
         start_key=model_uri,
         on_checkpoint=lambda path: [m.push(path) for m in mirror],
@@ -340,6 +343,7 @@ def train_phase(
             mlflow.log_params({"phase_problems": len(problems),
                                "phase_ppo": json.dumps(ppo_cfg.model_dump(mode="json"))})
         final = trainer.train()
+        step_metrics.flush()
         metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
         if metrics_file.is_file():
             mlflow.log_artifact(str(metrics_file))

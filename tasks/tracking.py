@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -144,6 +146,79 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if clean:
         mlflow.log_metrics(clean, step=step)
+
+
+# How long the end of a training stage waits for a tracking server that stopped answering mid-run.
+TRACKING_WAIT_S = 600.0
+_BATCH = 1000  # MLflow takes at most 1000 metrics per log_batch call
+
+
+class StepMetrics:
+    """The ``on_step`` callback of a training stage: every step's metrics to the active MLflow run.
+
+    A tracking server that stops answering mid-run (restarted, a network blip) must not cost
+    training work. MLflow's client first retries each call itself, with exponential backoff
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``); if the
+    call still fails, the step's metrics are kept, with their step and time, and sent with
+    the next step's. Training goes on meanwhile, and metrics.jsonl has every step on disk.
+    A batch the server stored but could not answer for is sent again unchanged, timestamp
+    included, and MLflow's store drops such an exact repeat, so no step is logged twice.
+    :meth:`flush`, after training, waits for the server (with backoff, up to ``wait_s``)
+    and sends what is left, so the run ends with every step's metrics.
+    """
+
+    def __init__(self, wait_s: float = TRACKING_WAIT_S):
+        self.wait_s = wait_s
+        self.pending: list[Metric] = []
+        self.run_id: str | None = None
+        self.failing_since: int | None = None  # the first step not logged, while the server does not answer
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        if self.run_id is None:
+            run = mlflow.active_run()
+            if run is None:
+                raise RuntimeError("StepMetrics needs an active MLflow run (use stage_run)")
+            self.run_id = run.info.run_id
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and math.isfinite(v)]
+        self._send()
+
+    def _send(self) -> bool:
+        client = MlflowClient()
+        while self.pending:
+            try:
+                client.log_batch(self.run_id, metrics=self.pending[:_BATCH])
+            except (MlflowException, OSError) as exc:  # requests' errors are OSErrors
+                if self.failing_since is None:
+                    self.failing_since = min(m.step for m in self.pending)
+                    log.warning("tracking server %s did not answer (%s); training goes on, and the metrics from "
+                                "step %d on are sent once it answers again (metrics.jsonl has them meanwhile)",
+                                mlflow.get_tracking_uri(), _first_line(exc), self.failing_since)
+                return False
+            del self.pending[:_BATCH]
+        if self.failing_since is not None:
+            log.info("tracking server answers again; the metrics from step %d on are logged", self.failing_since)
+            self.failing_since = None
+        return True
+
+    def flush(self) -> None:
+        """Send what is still pending, waiting for the server with backoff (1 s doubling to 5 s, up to ``wait_s``)."""
+        deadline, delay = time.monotonic() + self.wait_s, 1.0
+        while self.pending and not self._send():
+            if time.monotonic() + delay > deadline:
+                steps = sorted({m.step for m in self.pending})
+                log.warning("tracking server %s did not answer for %.0f s after training: the metrics of steps "
+                            "%d-%d are not in the MLflow run (metrics.jsonl has them)",
+                            mlflow.get_tracking_uri(), self.wait_s, steps[0], steps[-1])
+                return
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)  # a server back up is noticed within 5 s
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:

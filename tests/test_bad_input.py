@@ -106,7 +106,7 @@ CASES: dict[str, Case] = {
     ),
     "missing-model-path-option": lambda tiny, d: (
         _train(d / "no-such-model", _good_problems(d / "p.jsonl")),
-        ["--model", "no-such-model: not a models:/ URI and not a model directory", "pass a local model folder"],
+        ["--model", "no-such-model: not a models:/ URI, not an s3:// checkpoint folder and not a model directory", "pass a local model folder"],
     ),
     "missing-model-path-in-config": lambda tiny, d: (
         ["curate", "--config", DEMO, "--set", f"model.name_or_path={d / 'no-such-model'}"],

@@ -153,6 +153,57 @@ def test_a_worker_that_dies_has_its_answer_regraded(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("seen-*"))) == 2  # each answer killed one worker first
 
 
+def fraction_batch(n: int) -> tuple[list[str], list[str], list[bool]]:
+    """``n`` answers that only math-verify can decide (k/2k is a half, k/3k is not), alternating wrong and right
+    (from k = 2: 1/2 itself would be decided as an exact match, without the pool)."""
+    responses, references, truth = [], [], []
+    for k in range(2, n + 2):
+        right = k % 2 == 1
+        responses.append(f"so \\boxed{{\\frac{{{k}}}{{{2 * k if right else 3 * k}}}}}")
+        references.append("\\frac12")
+        truth.append(right)
+    return responses, references, truth
+
+
+def test_a_worker_crash_in_the_middle_of_a_batch_loses_nothing(tmp_path, monkeypatch):
+    import grader_faults
+
+    responses, references, truth = fraction_batch(24)
+    monkeypatch.setenv("GRADER_FAULT_DIR", str(tmp_path))
+    monkeypatch.setenv("GRADER_CRASH_ON", "\\frac{13}{26}")  # the 13th answer kills its worker
+
+    class Flaky(Grader):
+        check = staticmethod(grader_faults.crash_on_answer)
+
+    with Flaky(workers=2, timeout_s=10) as g:
+        grades = g.grade_many(responses, references)
+    assert (tmp_path / "crashed").exists(), "a worker died mid-batch"
+    assert len(grades) == len(responses)
+    # Every answer graded by math-verify, in order: the crashed one regraded, none lost or timed out.
+    assert [g.correct for g in grades] == truth
+    assert [g.reason for g in grades] == ["equivalent" if t else "not equivalent" for t in truth]
+    assert [g.extracted for g in grades] == [r[len("so \\boxed{"):-1] for r in responses]
+
+
+def test_grade_cli_survives_a_worker_crash_and_writes_every_row(tmp_path, monkeypatch, capsys):
+    import grader_faults
+
+    responses, references, truth = fraction_batch(20)
+    src = _write(tmp_path / "in.jsonl", [{"id": i, "response": r, "answer": a}
+                                         for i, (r, a) in enumerate(zip(responses, references, strict=True))])
+    monkeypatch.setenv("GRADER_FAULT_DIR", str(tmp_path))
+    monkeypatch.setenv("GRADER_CRASH_ON", "\\frac{9}{18}")
+    monkeypatch.setattr(Grader, "check", staticmethod(grader_faults.crash_on_answer))  # what the CLI's pool runs
+    out = tmp_path / "graded.jsonl"
+    assert main(["grade", str(src), "-o", str(out), "--workers", "2"]) == 0
+    assert (tmp_path / "crashed").exists(), "a worker died mid-file"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(20))
+    assert [r["correct"] for r in rows] == truth
+    assert all(r["reason"] in ("equivalent", "not equivalent") for r in rows)
+    assert "graded 20 responses in 20 rows: 10 correct" in capsys.readouterr().out
+
+
 def test_an_answer_that_always_kills_its_worker_is_wrong_with_the_reason():
     import grader_faults
 

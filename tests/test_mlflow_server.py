@@ -181,3 +181,74 @@ def test_registration_through_an_mlflow_server_with_s3_artifacts(servers, tmp_pa
     rows = json.loads(capsys.readouterr().out)
     assert [(r["version"], r["aliases"], r["phase"], r["parent_version"]) for r in rows] == [
         ("1", ["base"], "base", ""), ("2", ["phase1"], "1", "1")]
+
+
+@pytest.mark.slow
+def test_training_rides_out_a_tracking_server_restart(servers, tmp_path, tiny_model_dir):
+    """`concise-rl train` against the server; the server is stopped once the first PPO step is
+    logged and started again, on the same port and database, a few seconds later.
+
+    MLflow's client would retry each call for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES): here it
+    gives up at once, so the outage reaches our code, which must neither lose training work nor
+    leave a step out of the run.
+    """
+    from mlflow import MlflowClient
+
+    from concise_rl.problems import save_problems
+    from concise_rl.synthetic import generate_problems
+
+    _, server = servers
+    home, steps = tmp_path / "home", 8
+    problems = tmp_path / "problems.jsonl"
+    save_problems(generate_problems(6, seed=5, min_level=2, max_level=3), problems)
+    args = [sys.executable, "-m", "concise_rl.cli", "train", "--phase", "1", "--model", str(tiny_model_dir),
+            "--problems", str(problems)]
+    for item in [f"registry.tracking_uri={server.uri}", f"ppo.steps={steps}", "ppo.prompts_per_step=2",
+                 "ppo.samples_per_prompt=2", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
+                 "ppo.max_new_tokens=16", "ppo.checkpoint_every=4", "grader.workers=0"]:
+        args += ["--set", item]
+    env = {**os.environ, "CONCISE_RL_HOME": str(home), "OMP_NUM_THREADS": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    metrics = home / "checkpoints" / "phase1" / "metrics.jsonl"
+    out, err = tmp_path / "train.out", tmp_path / "train.err"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], env=env, stdout=stdout, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert proc.poll() is None, f"train exited with {proc.returncode} before its first step: " \
+                                        f"{err.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no PPO step within 300 s"
+            time.sleep(0.05)
+        kill(server)  # the server dies at once, mid-run, as in a crash or a pod eviction
+        done_at_stop = len(metrics.read_text().splitlines())
+        time.sleep(1)
+        server.start()  # same port, same sqlite backend: up again some seconds after the kill
+        assert proc.wait(timeout=300) == 0, err.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = err.read_text()
+    assert done_at_stop < steps, "the server went down while training was still running"
+    assert "did not answer" in log and "answers again" in log, log[-4000:]
+
+    client = MlflowClient(server.uri, server.uri)
+    experiment = client.get_experiment_by_name("concise-rl")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'train-phase1'")
+    assert run.info.status == "FINISHED"
+    # Every step's metrics are in the run, including those of the outage, each once.
+    for key in ("reward", "kl", "response_length"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, steps + 1))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    # Training finished and its policy was registered on the restarted server.
+    (version,) = client.search_model_versions("name = 'concise-rl-demo'")
+    assert version.tags["phase"] == "1" and version.tags["ppo_steps"] == str(steps)
+    assert client.get_model_version_by_alias("concise-rl-demo", "phase1").version == version.version
+    kill(server)  # nothing more to write: no need to wait for a graceful shutdown
+
+
+def kill(server: MlflowServer) -> None:
+    """SIGKILL to the server's whole process group, and wait for it to be gone."""
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(timeout=30)

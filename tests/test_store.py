@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -274,22 +275,73 @@ def test_server_stopped_mid_upload_fails_clearly_and_registers_nothing(s3_server
     assert not list(s3_server.backend.rglob(MANIFEST)), "no manifest: the upload is not committed"
 
 
+class RestartAfterRetries(logging.Handler):
+    """Watches the store's retry warnings; after the ``after``-th it starts the stopped server again.
+
+    So the endpoint stays down for exactly that many failed tries, whatever botocore's own
+    (jittered) retries inside each try take, and comes back before the store gives up.
+    """
+
+    def __init__(self, server: S3Server, after: int):
+        super().__init__(logging.WARNING)
+        self.server, self.after = server, after
+        self.retries: list[tuple[float, int, float]] = []  # (time logged, try that failed, backoff before the next)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying in" not in record.msg:
+            return
+        self.retries.append((record.created, record.args[1], record.args[-1]))
+        if len(self.retries) == self.after:
+            self.server.start()
+
+    def __enter__(self) -> Self:
+        logging.getLogger("concise_rl.store").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("concise_rl.store").removeHandler(self)
+
+
+def assert_backed_off(retries: list[tuple[float, int, float]], base: float, finished: float) -> None:
+    """Tries 1, 2, ... failed in turn, the backoff doubling from ``base``, and each next try waited it out."""
+    assert [attempt for _, attempt, _ in retries] == list(range(1, len(retries) + 1))
+    assert [delay for _, _, delay in retries] == [base * 2 ** k for k in range(len(retries))]
+    next_failures = [t for t, _, _ in retries[1:]] + [finished]
+    for (logged, _, delay), after in zip(retries, next_failures, strict=True):
+        assert after - logged >= delay, f"the try after {logged} came {after - logged:.2f} s later, before {delay} s"
+
+
 def test_upload_resumes_when_the_server_comes_back_within_the_retries(s3_server, tmp_path):
     src = make_checkpoint(tmp_path / "ckpt", big_mb=11)
-    store = ArtifactStore(s3_server.store_config("back", max_attempts=6, retry_base_s=0.5))
-    restarted = []
+    store = ArtifactStore(s3_server.store_config("back", max_attempts=6, retry_base_s=0.25))
 
-    def bounce(**_):
-        if not restarted:
-            restarted.append(1)
-            s3_server.stop()
-            threading.Timer(0.5, s3_server.start).start()
+    def stop_once(**_):
+        if s3_server.proc is not None and not stopped:
+            stopped.append(1)
+            s3_server.stop()  # down in the middle of the multipart upload
 
-    store.client.meta.events.register("after-call.s3.UploadPart", bounce)
-    upload = store.upload_checkpoint(src, model_name="m", phase="phase1")
-    assert restarted
-    store.verify(upload.uri)
+    stopped: list[int] = []
+    store.client.meta.events.register("after-call.s3.UploadPart", stop_once)
+    with RestartAfterRetries(s3_server, after=2) as watch:
+        upload = store.upload_checkpoint(src, model_name="m", phase="phase1")
+    assert stopped and len(watch.retries) == 2, "down for two tries, then back"
+    assert_backed_off(watch.retries, 0.25, time.time())
+    assert store.verify(upload.uri) == build_manifest(src)
     assert same_tree(src, _download(store, upload.uri, tmp_path / "dl"))
+
+
+def test_download_waits_for_the_server_with_backoff_and_verifies_what_it_gets(s3_server, tmp_path):
+    src = make_checkpoint(tmp_path / "ckpt", big_mb=6)
+    store = ArtifactStore(s3_server.store_config("down", max_attempts=6, retry_base_s=0.25))
+    upload = store.upload_checkpoint(src, model_name="m", phase="phase2")
+    s3_server.stop()
+    dest = tmp_path / "restored"
+    with RestartAfterRetries(s3_server, after=3) as watch:
+        manifest = store.download_dir(upload.uri, dest)
+    assert len(watch.retries) == 3
+    assert_backed_off(watch.retries, 0.25, time.time())
+    assert manifest == build_manifest(src)
+    assert same_tree(src, dest)
 
 
 def _download(store: ArtifactStore, uri: str, dest: Path) -> Path:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
+from concise_rl.errors import DiskFullError
 from concise_rl.synthetic import generate_problems
 from training.trainer import PPOTrainer
 
@@ -128,3 +133,99 @@ def test_token_budget_changes_padding_not_the_update(tiny_model_dir: Path, tmp_p
         finals[name] = load_file(str(trainer.train() / "model.safetensors"))
     for key, value in finals["whole"].items():
         torch.testing.assert_close(finals["split"][key], value, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a tmpfs of its own (``size`` in KiB, default 16 MiB), unmounted after the test.
+
+    A real filesystem that fills up: writes past its size fail with ENOSPC, as on a full
+    cluster scratch disk. Needs the right to mount (root here); skipped, saying so, without it.
+    """
+    mounted: list[Path] = []
+
+    def mount(name: str = "disk", size_kb: int = 16 * 1024) -> Path:
+        where = tmp_path / name
+        where.mkdir(parents=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(where)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill up (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one_and_the_rerun_resumes(tiny_model_dir, small_disk):
+    disk = small_disk()
+    out = disk / "run"
+    ckpts = out / "checkpoints"
+    ballast = disk / "ballast"
+    snapshot: dict[str, str] = {}
+
+    def fill_disk_after_the_first_checkpoint(step: int, metrics: dict) -> None:
+        if step == 2:  # step-000001 is written; leave room for half of the next checkpoint
+            snapshot.update(digests(ckpts / "step-000001"))
+            size = sum(p.stat().st_size for p in (ckpts / "step-000001").rglob("*") if p.is_file())
+            free = shutil.disk_usage(disk).free
+            with open(ballast, "wb") as f:
+                f.write(b"\0" * (free - size // 2))
+
+    with pytest.raises(DiskFullError) as err:
+        make_trainer(tiny_model_dir, out, on_step=fill_disk_after_the_first_checkpoint).train()
+    message = str(err.value)
+    assert err.value.errno == errno.ENOSPC
+    assert "no space left" in message and str(ckpts) in message and "step-000002" in message
+    assert "step-000001 is intact" in message and "Free at least" in message and "run the same command again" in message
+    assert "\n" not in message, "one line"
+
+    # The previous checkpoint is untouched and still the one `latest` names; nothing partial is left.
+    assert (ckpts / "latest").read_text() == "step-000001"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000001"]
+    assert digests(ckpts / "step-000001") == snapshot
+
+    # Space freed, the same run again: it resumes from step 1 (steps 2 and 3 only) and finishes.
+    ballast.unlink()
+    resumed: list[int] = []
+    final = make_trainer(tiny_model_dir, out, on_step=lambda s, m: resumed.append(s)).train()
+    assert resumed == [2, 3]
+    assert json.loads((final / "trainer_state.json").read_text())["step"] == 3
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_cli_reports_a_full_disk_in_one_line_and_leaves_no_partial_checkpoint(tiny_model_dir, small_disk, tmp_path,
+                                                                              monkeypatch, capsys):
+    from concise_rl import cli
+    from concise_rl.problems import save_problems
+    from evaluation import grader
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("CONCISE_RL_HOME", str(home))
+    monkeypatch.setattr(grader, "_default", grader._default)  # main() configures the process-wide grader
+    disk = small_disk("home/checkpoints", size_kb=64)  # smaller than one checkpoint of the tiny model
+    problems = tmp_path / "problems.jsonl"
+    save_problems(PROBLEMS, problems)
+    sets = ["ppo.steps=2", "ppo.prompts_per_step=2", "ppo.samples_per_prompt=2", "ppo.mini_batch_size=4",
+            "ppo.micro_batch_size=2", "ppo.max_new_tokens=8", "ppo.checkpoint_every=1", "grader.workers=0"]
+    args = ["train", "--phase", "1", "--model", str(tiny_model_dir), "--problems", str(problems)]
+    for item in sets:
+        args += ["--set", item]
+    capsys.readouterr()
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (last,) = [line for line in err.splitlines() if line.startswith("concise-rl train:")]
+    assert last.startswith("concise-rl train: no space left on the disk of ")
+    assert str(disk / "phase1" / "checkpoints") in last and "step-000001" in last
+    assert "CONCISE_RL_HOME" in last and "run the same command again" in last
+    assert not [p for p in (disk / "phase1" / "checkpoints").iterdir()], "nothing half-written is left"

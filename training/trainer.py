@@ -17,6 +17,7 @@ processes make the update one process would make on the same rollouts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig, stable_hash
+from concise_rl.errors import DiskFullError
 from concise_rl.problems import Problem, problems_hash
 from evaluation.grader import Grade
 from training import ppo
@@ -52,6 +54,9 @@ Scorer = Callable[[list[str], list[str]], tuple[list[Grade], list[float]]]
 # Process r of N samples with seed + r * RANK_SEED_STRIDE, so processes draw different responses
 # (process 0, and a single process, keep the seed as it is).
 RANK_SEED_STRIDE = 1_000_003
+# A write that failed while the disk had less than this free is taken for a full disk: torch.save and
+# safetensors report a short write without the OS error (ENOSPC) behind it.
+NEARLY_FULL_BYTES = 1024 * 1024
 
 
 def zero_stage(accelerator: Accelerator) -> int | None:
@@ -643,9 +648,11 @@ class PPOTrainer:
         name = f"step-{self.step:06d}"
         path = self.ckpt_dir / name
         tmp = self.ckpt_dir / f"{name}.tmp"
+        pointer_tmp = self.ckpt_dir / "latest.tmp"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            with self._writing(name, tmp):
+                tmp.mkdir(parents=True)
         policy_state = critic_state = None
         if self._zero is not None:
             acc.wait_for_everyone()  # the folder exists before any process writes to it
@@ -653,32 +660,33 @@ class PPOTrainer:
                 engine.save_checkpoint(str(tmp / "deepspeed"), tag=tag, save_latest=False)
             policy_state, critic_state = acc.get_state_dict(self.policy), acc.get_state_dict(self.critic)
         if acc.is_main_process:
-            self._save_policy(tmp / "policy", policy_state)
-            self.tokenizer.save_pretrained(tmp / "policy")
-            if critic_state is None:
-                acc.unwrap_model(self.critic).save(tmp / "critic.safetensors")
-            else:
-                save_file({k: v.contiguous() for k, v in critic_state.items()}, str(tmp / "critic.safetensors"))
-            # Under DeepSpeed the optimizer states are in deepspeed/ (one shard per process).
-            optim = {} if self._zero is not None else {
-                "opt_actor": self.opt_actor.state_dict(), "opt_critic": self.opt_critic.state_dict()
-            }
-            optim |= {"sched_actor": self.sched_actor.state_dict(), "sched_critic": self.sched_critic.state_dict()}
-            torch.save(optim, tmp / "optim.pt")
-            torch.save(
-                {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                tmp / "rng.pt",
-            )
-            metrics = self.out_dir / "metrics.jsonl"
-            if metrics.is_file():  # the history so far: a checkpoint copied to a new machine carries it
-                shutil.copy(metrics, tmp / "metrics.jsonl")
-            (tmp / "trainer_state.json").write_text(
-                json.dumps({"step": self.step, "run_key": self.run_key, "base_policy": str(self.policy_path)})
-            )
+            with self._writing(name, tmp, pointer_tmp):
+                self._save_policy(tmp / "policy", policy_state)
+                self.tokenizer.save_pretrained(tmp / "policy")
+                if critic_state is None:
+                    acc.unwrap_model(self.critic).save(tmp / "critic.safetensors")
+                else:
+                    save_file({k: v.contiguous() for k, v in critic_state.items()}, str(tmp / "critic.safetensors"))
+                # Under DeepSpeed the optimizer states are in deepspeed/ (one shard per process).
+                optim = {} if self._zero is not None else {
+                    "opt_actor": self.opt_actor.state_dict(), "opt_critic": self.opt_critic.state_dict()
+                }
+                optim |= {"sched_actor": self.sched_actor.state_dict(), "sched_critic": self.sched_critic.state_dict()}
+                torch.save(optim, tmp / "optim.pt")
+                torch.save(
+                    {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                    tmp / "rng.pt",
+                )
+                metrics = self.out_dir / "metrics.jsonl"
+                if metrics.is_file():  # the history so far: a checkpoint copied to a new machine carries it
+                    shutil.copy(metrics, tmp / "metrics.jsonl")
+                (tmp / "trainer_state.json").write_text(
+                    json.dumps({"step": self.step, "run_key": self.run_key, "base_policy": str(self.policy_path)})
+                )
+                pointer_tmp.write_text(name)
+            # Renames only from here on: nothing more to write, so a full disk cannot stop them halfway.
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
-            pointer_tmp = self.ckpt_dir / "latest.tmp"
-            pointer_tmp.write_text(name)
             os.replace(pointer_tmp, self.ckpt_dir / "latest")
             self._prune_checkpoints()
             log.info("checkpoint %s written", path)
@@ -686,6 +694,35 @@ class PPOTrainer:
                 self.on_checkpoint(path)
         acc.wait_for_everyone()
         return path
+
+    @contextlib.contextmanager
+    def _writing(self, what: str, folder: Path, *leftovers: Path) -> Iterator[None]:
+        """Write ``what`` into ``folder``; if that fails, remove it (and ``leftovers``) so no half-written
+        folder is left, and report a full disk as :class:`DiskFullError`."""
+        try:
+            yield
+        except BaseException as exc:
+            free = free_bytes(self.ckpt_dir)  # before the partial folder is removed and frees its space
+            written = tree_bytes(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            for path in leftovers:
+                path.unlink(missing_ok=True)
+            if isinstance(exc, Exception) and out_of_space(exc, free):
+                raise DiskFullError(self._disk_full_message(what, folder, free, written)) from exc
+            raise
+
+    def _disk_full_message(self, what: str, folder: Path, free: int | None, written: int) -> str:
+        latest = self._latest_checkpoint()
+        need = tree_bytes(latest) if latest else None
+        text = (f"no space left on the disk of {self.ckpt_dir} to write {what} ({folder}): "
+                f"{human_bytes(written)} written when it failed, {human_bytes(free)} free")
+        if latest is None:
+            return (f"{text}. The partial folder was removed (no checkpoint of this run exists yet). Free space "
+                    f"on that disk or point CONCISE_RL_HOME at a larger one, and run the same command again")
+        return (f"{text}; the last checkpoint takes {human_bytes(need)}. The partial folder was removed; "
+                f"{latest.name} is intact and `latest` still points at it. Free at least {human_bytes(need)} on "
+                f"that disk (or point CONCISE_RL_HOME at a larger one) and run the same command again: it resumes "
+                f"from {latest.name}")
 
     def _save_policy(self, out: Path, state: dict[str, torch.Tensor] | None) -> None:
         """The policy in Hugging Face format; ``state``: its full weights where they are sharded (ZeRO-3)."""
@@ -754,12 +791,57 @@ class PPOTrainer:
         if acc.is_main_process:
             tmp = final.with_name("final.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            self._save_policy(tmp, state)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / "trainer_state.json").write_text(
-                json.dumps({"step": self.step, "run_key": self.run_key, "problems_hash": self.problems_hash})
-            )
+            with self._writing("the final policy", tmp):
+                self._save_policy(tmp, state)
+                self.tokenizer.save_pretrained(tmp)
+                (tmp / "trainer_state.json").write_text(
+                    json.dumps({"step": self.step, "run_key": self.run_key, "problems_hash": self.problems_hash})
+                )
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the disk holding ``path`` (or its nearest existing parent); None if unknown."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 if it does not exist)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "an unknown amount"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def out_of_space(exc: BaseException, free: int | None) -> bool:
+    """Whether a failed write failed for lack of disk space.
+
+    ENOSPC (or EDQUOT, a quota) anywhere in the exception chain says so; torch.save and
+    safetensors report only a short write, so a disk left with almost nothing free counts too.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "StorageFull" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return free is not None and free < NEARLY_FULL_BYTES
