@@ -1,9 +1,10 @@
 """The whole flow, end to end, on a shrunk embedded config: the real CLI, Prefect's
 ephemeral server, the sqlite MLflow registry, real PPO on a tiny Qwen2 model.
 
-Run twice against one registry: a permissive gate promotes the candidate; a strict
-gate (with a changed PPO seed, so both phases retrain) refuses it, exits 3, and
-leaves ``champion`` where it was.
+Run against one registry: a permissive gate promotes the candidate; a strict gate
+(with a changed PPO seed, so both phases retrain) refuses it, exits 3, and leaves
+``champion`` where it was; a phase 2 that a training guard stops exits 5 and
+registers nothing.
 """
 
 from __future__ import annotations
@@ -161,3 +162,19 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
     assert sorted(versions(home)) == ["1", "2", "3", "4", "5"], "a re-run registers nothing new"
     assert train_runs(home) == train_runs_before, "a re-run opens no training run"
     assert alias(home, "champion") == "3"
+
+    # ---- run 4: phase 2 with a token budget nothing fits in; the runaway-length guard stops it
+    # at step 2 (phase 1 and the curation are reused), and the gate never sees it
+    stopped = run_cli(home, "ppo.seed=1", "gate.min_length_reduction_pct=99", "gate.max_accuracy_drop=1.0",
+                      "phase2.ppo.max_new_tokens=2", "phase2.ppo.guards.truncation_patience=2")
+    assert stopped.returncode == 5, stopped.stderr[-4000:]
+    line = next(x for x in stopped.stderr.splitlines() if x.startswith("concise-rl run: "))
+    ckpt = home / "checkpoints" / "phase2"
+    assert line.startswith(f"concise-rl run: PPO in {ckpt} stopped at step 2 by the runaway length guard: "
+                           "truncation_rate was 1 (and at every step since step 1)")
+    assert f"Kept the last good checkpoint {ckpt / 'checkpoints' / 'step-000001'} (step 1)" in line
+    assert line.endswith("phase2 was not registered. Nothing was promoted; 'champion' is unchanged.")
+    assert sorted(versions(home)) == ["1", "2", "3", "4", "5"], "no new candidate"
+    assert (alias(home, "champion"), alias(home, "candidate")) == ("3", "5")
+    assert json.loads((ckpt / "stopped.json").read_text())["checkpoint_step"] == 1
+    assert (ckpt / "checkpoints" / "latest").read_text() == "step-000001" and not (ckpt / "final").exists()
