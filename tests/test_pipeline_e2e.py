@@ -178,3 +178,7 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
     assert (alias(home, "champion"), alias(home, "candidate")) == ("3", "5")
     assert json.loads((ckpt / "stopped.json").read_text())["checkpoint_step"] == 1
     assert (ckpt / "checkpoints" / "latest").read_text() == "step-000001" and not (ckpt / "final").exists()
+    with sqlite3.connect(home / "prefect" / "prefect.db") as db:
+        train_task = db.execute("select state_type, run_count from task_run where name like 'train-%' "
+                                "order by created desc limit 1").fetchone()
+    assert train_task == ("FAILED", 1), "a guard's stop fails the task, which is not retried"
