@@ -17,6 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
+from test_registry_listing import trained_copy
 from test_store import mlflow_home  # noqa: F401  (fixture: a temporary home and MLflow's URIs put back)
 
 from concise_rl import cli
@@ -24,7 +25,7 @@ from concise_rl.config import GuardConfig, ModelConfig, load_config
 from concise_rl.errors import ConfigError, TrainingGuardError
 from concise_rl.problems import Problem, save_problems
 from concise_rl.synthetic import generate_problems
-from tasks import tracking
+from tasks import stages, tracking
 from training.guards import FINITE_KEYS, STOP_FILE, check
 from training.models import load_policy
 
@@ -221,9 +222,6 @@ def test_collapsed_rewards_stop_the_phase(tiny_model_dir, tmp_path, mlflow_home,
 def test_the_gate_refuses_a_version_whose_run_a_guard_stopped(tiny_model_dir, tmp_path, mlflow_home):  # noqa: F811
     """Defence in depth: a stopped run is never registered, but if a version of one reaches the
     gate anyway (registered before its stop record was written), promote refuses it."""
-    from tasks import stages
-    from test_registry_listing import trained_copy
-
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}"])
     base = stages.prepare_base(cfg)
     client = tracking.setup(cfg)
