@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
+from concise_rl.config import GuardConfig, ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.synthetic import generate_problems, reasoning_trace
 from evaluation.grader import Grade
 from training.embedded import build_tokenizer
@@ -98,6 +98,8 @@ def train_with(policy: Path, out: Path, reward: float, lam: float, steps: int = 
         steps=steps, prompts_per_step=8, samples_per_prompt=8, mini_batch_size=32, micro_batch_size=32,
         max_new_tokens=MAX_NEW, temperature=1.0, lam=lam, gamma=1.0, kl_coef=0.0, actor_lr=3e-4, critic_lr=1e-3,
         warmup_ratio=0.0, min_lr_ratio=1.0, loss_agg_mode=loss_agg_mode, checkpoint_every=100, seed=seed,
+        # The reward is constant on purpose (never correct at -1): not a collapse to stop for.
+        guards=GuardConfig(max_truncation_rate=None, reward_collapse_patience=None),
     )
     trainer = PPOTrainer(
         policy_path=str(policy), problems=PROBLEMS, out_dir=out, ppo_cfg=cfg, model_cfg=ModelConfig(),

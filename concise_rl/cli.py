@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 2 bad input (config, data, model path) with a message that
 says what to change; 3 the phase-2 candidate failed the promotion gate; 4 another
-pipeline holds the registry lock of the same model; 1 anything else.
+pipeline holds the registry lock of the same model; 5 a training guard stopped a PPO
+phase (NaN/inf, runaway length, collapsed rewards); 1 anything else.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from concise_rl import paths
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
 EXIT_BUSY = 4
+EXIT_TRAINING_STOPPED = 5
 
 DESCRIPTION = """\
 Two-phase PPO post-training that makes a reasoning model concise without losing
@@ -53,7 +55,8 @@ examples:
   PREFECT_API_URL=http://127.0.0.1:4200/api concise-rl retrain --deployment retrain --param git_sha=abc123 --wait
 
 exit codes: 0 ok, 1 error, 2 bad input (the message names it), 3 gate failed,
-4 another pipeline is running against the same registered model
+4 another pipeline is running against the same registered model, 5 a training
+guard stopped a PPO phase (nothing registered or promoted; the message says why)
 """
 
 
@@ -206,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every stage in order as one Prefect flow and print the summary table. "
                                    "Finished stages are reused; an interrupted PPO phase resumes from its last "
                                    "checkpoint. Exits 3 when the phase-2 candidate fails the gate, 4 when another "
-                                   "pipeline is running against the same registered model.")
+                                   "pipeline is running against the same registered model, 5 when a training guard "
+                                   "stops a PPO phase.")
     _common(p)
     p.add_argument("--git-sha", metavar="SHA", help="the commit that triggered this run: recorded as the tag git_sha "
                    "on every MLflow run and registered version of the run, and in the summary")
@@ -711,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         ModelLoadError,
         ProblemLoadError,
         TrackingServerError,
+        TrainingGuardError,
     )
     from concise_rl.locking import RegistryBusyError
     from concise_rl.store import StoreError
@@ -750,6 +755,10 @@ def main(argv: list[str] | None = None) -> int:
     except DiskFullError as exc:  # a checkpoint did not fit: the message names the folder and what to free
         print(f"concise-rl {args.command}: {exc}", file=sys.stderr)
         return 1
+    except TrainingGuardError as exc:  # the message names the guard, step, value, threshold and kept checkpoint
+        print(f"concise-rl {args.command}: {exc} Nothing was promoted; 'champion' is unchanged.",
+              file=sys.stderr)
+        return EXIT_TRAINING_STOPPED
     except KeyboardInterrupt:
         print("concise-rl: interrupted; finished stages and the last checkpoint are kept, run again to resume",
               file=sys.stderr)

@@ -1,7 +1,8 @@
-"""Errors that mean "the input is wrong": the CLI turns each into exit code 2.
+"""User-facing errors, each turned by the CLI into a one-line message and an exit code.
 
-They live here, free of heavy imports, so the CLI can catch them without loading
-torch first; each message names the input and says what to change.
+Most mean "the input is wrong" (exit code 2). They live here, free of heavy
+imports, so the CLI can catch them without loading torch first; each message
+names the input and says what to change.
 """
 
 from __future__ import annotations
@@ -39,3 +40,18 @@ class DiskFullError(OSError):
     def __init__(self, message: str):
         super().__init__(message)
         self.errno = errno.ENOSPC
+
+
+class TrainingGuardError(RuntimeError):
+    """A training guard stopped a PPO phase (training/guards.py); the CLI exits 5, in one line.
+
+    ``stop`` is the record the trainer wrote to the phase's ``stopped.json``: the guard,
+    the step, the value and threshold, and the checkpoint that was kept.
+    """
+
+    def __init__(self, message: str, stop: dict | None = None):
+        super().__init__(message)
+        self.stop = stop or {}
+
+    def __reduce__(self):  # Prefect may pickle a task's exception; keep the record with it
+        return type(self), (str(self), self.stop)

@@ -3,7 +3,9 @@
 The flow only composes tasks; each task is a stage from tasks/stages.py and passes
 URIs (``models:/NAME/VERSION``) and paths, never live models. Registration and
 evaluation talk to the registry and the disk, so they retry; training resumes from
-its last checkpoint when retried.
+its last checkpoint when retried, except when a training guard stopped it
+(training/guards.py): the flow then fails there, and nothing after it (registering
+that phase, evaluation, the gate) runs.
 
 Only one pipeline runs at a time per registered model and home folder
 (:func:`concise_rl.locking.registry_lock`); a second one fails at once with a
@@ -18,6 +20,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from concise_rl.config import load_config
+from concise_rl.errors import TrainingGuardError
 from concise_rl.locking import registry_lock
 from evaluation import grader
 from tasks import stages
@@ -26,7 +29,9 @@ from tasks import stages
 # Prefect's input caching is off: it would hash whole configs for nothing.
 prepare_base = task(stages.prepare_base, name="prepare-base", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 curate = task(stages.curate, name="curate", cache_policy=NO_CACHE)
-train_phase = task(stages.train_phase, name="train", retries=1, cache_policy=NO_CACHE)
+# A phase a training guard stopped would only stop again: that failure is not retried.
+train_phase = task(stages.train_phase, name="train", retries=1, cache_policy=NO_CACHE,
+                   retry_condition_fn=lambda task, run, state: not isinstance(state.data, TrainingGuardError))
 register = task(stages.register, name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 evaluate = task(stages.evaluate, name="evaluate", retries=1, cache_policy=NO_CACHE)
 promote = task(stages.promote, name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from concise_rl import paths
 from concise_rl import store as artifact_store
 from concise_rl.config import DataSource, PipelineConfig, stable_hash
+from concise_rl.errors import TrainingGuardError
 from concise_rl.problems import Problem, load_hf_dataset, load_problems, problems_hash, save_problems
 from concise_rl.synthetic import generate_problems
 from evaluation import plots
@@ -37,6 +38,7 @@ from evaluation.report import read_responses, write_report
 from tasks import publish, tracking
 from training import curation as curation_lib
 from training.embedded import build_embedded_model
+from training.guards import STOP_FILE, read_stop
 from training.models import check_model_path, embedded_dir, is_embedded, load_policy, load_tokenizer
 from training.trainer import PPOTrainer
 
@@ -296,6 +298,10 @@ def train_phase(
     A run that already finished with the same inputs is returned as it is, without
     opening an MLflow run, so re-running the pipeline leaves the tracking store alone.
     Under N processes every process trains and the main process alone tracks the run.
+
+    Raises :class:`TrainingGuardError` when a training guard stops the phase (the
+    MLflow run is tagged ``stopped_by_guard``), or stopped it before with the same
+    settings (then no run is opened).
     """
     problems = load_problems(problems_path)
     ppo_cfg = cfg.ppo_for(phase)
@@ -334,25 +340,43 @@ def train_phase(
     # A run killed mid-phase resumes from its last checkpoint; it also carries on in the MLflow
     # run it had opened, so the phase keeps one run and one metric history.
     stage = f"train-{phase}"
-    reopen = tracking.unfinished_run(cfg, stage, trainer.run_key) if trainer.resumable_step() else None
-    with _stage_run(cfg, stage, resume_run_id=reopen, phase=phase, model_uri=model_uri,
-                    run_key=trainer.run_key) as run:
-        if reopen is not None:
-            log.info("%s: resuming at step %d in MLflow run %s", phase, trainer.resumable_step(), reopen)
-        else:
-            mlflow.log_params({"phase_problems": len(problems),
-                               "phase_ppo": json.dumps(ppo_cfg.model_dump(mode="json"))})
-        final = trainer.train()
-        step_metrics.flush()
-        metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
-        if metrics_file.is_file():
-            mlflow.log_artifact(str(metrics_file))
-            rows = _read_jsonl(metrics_file)
-            mlflow.log_artifact(str(plots.plot_training({phase: rows}, paths.checkpoints(phase) / "training.png")))
-            keys = ("step", "reward", "accuracy", "response_length", "kl", "policy_loss", "value_loss")
-            publish.table(f"{phase}-metrics", [{k: r.get(k) for k in keys} for r in rows],
-                          f"{phase} PPO metrics per step (MLflow run {run.info.run_id})")
+    try:
+        trainer.raise_if_stopped()
+        reopen = tracking.unfinished_run(cfg, stage, trainer.run_key) if trainer.resumable_step() else None
+        with _stage_run(cfg, stage, resume_run_id=reopen, phase=phase, model_uri=model_uri,
+                        run_key=trainer.run_key) as run:
+            if reopen is not None:
+                log.info("%s: resuming at step %d in MLflow run %s", phase, trainer.resumable_step(), reopen)
+            else:
+                mlflow.log_params({"phase_problems": len(problems),
+                                   "phase_ppo": json.dumps(ppo_cfg.model_dump(mode="json"))})
+            try:
+                final = trainer.train()
+            except TrainingGuardError as exc:
+                step_metrics.flush()
+                mlflow.set_tags({"stopped_by_guard": exc.stop.get("guard", "?"),
+                                 "stopped_at_step": str(exc.stop.get("step", "?"))})
+                for name in ("metrics.jsonl", STOP_FILE):
+                    if (paths.checkpoints(phase) / name).is_file():
+                        mlflow.log_artifact(str(paths.checkpoints(phase) / name))
+                raise
+            step_metrics.flush()
+            _log_training(phase, run)
+    except TrainingGuardError as exc:
+        raise TrainingGuardError(f"{exc} {phase} was not registered.", exc.stop) from None
     return str(final)
+
+
+def _log_training(phase: str, run) -> None:
+    """The phase's metrics, their plot and a Prefect table, on its MLflow run."""
+    metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
+    if metrics_file.is_file():
+        mlflow.log_artifact(str(metrics_file))
+        rows = _read_jsonl(metrics_file)
+        mlflow.log_artifact(str(plots.plot_training({phase: rows}, paths.checkpoints(phase) / "training.png")))
+        keys = ("step", "reward", "accuracy", "response_length", "kl", "policy_loss", "value_loss")
+        publish.table(f"{phase}-metrics", [{k: r.get(k) for k in keys} for r in rows],
+                      f"{phase} PPO metrics per step (MLflow run {run.info.run_id})")
 
 
 def register(cfg: PipelineConfig, phase: str, model_dir: str, parent: dict[str, str]) -> dict[str, str]:
@@ -364,6 +388,10 @@ def register(cfg: PipelineConfig, phase: str, model_dir: str, parent: dict[str, 
     """
     client = tracking.setup(cfg)
     state = json.loads((Path(model_dir) / "trainer_state.json").read_text())
+    stop = read_stop(Path(model_dir).parent)  # the trainer's folder: <out>/final next to <out>/stopped.json
+    if stop is not None and stop.get("run_key") == state["run_key"]:
+        raise TrainingGuardError(f"{phase} is not registered: a training guard stopped its run. {stop['message']}",
+                                 stop)
     existing = tracking.find_version(
         client, cfg.registry.model_name, phase=PHASE_TAG[phase], run_key=state["run_key"],
         parent_version=parent["version"],
@@ -499,6 +527,7 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
     """
     client = tracking.setup(cfg)
     name = cfg.registry.model_name
+    _refuse_stopped_runs(client, name, results)
     candidate, parent = results["phase2"], results[parent_label]
     verdict = evaluate_gate(candidate["eval"], parent["eval"], cfg.gate)
     reductions = length_reductions(candidate["eval"], parent["eval"])
@@ -541,6 +570,26 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
     for figure in figures:
         publish.image(f"plot-{figure.stem}", latest / figure.name, f"{figure.name} (MLflow run {run.info.run_id})")
     return summary
+
+
+def _refuse_stopped_runs(client, name: str, results: dict[str, dict]) -> None:
+    """Raise if a trained model in ``results`` comes from a PPO run that a training guard stopped.
+
+    Such a run is never registered (:func:`register` refuses it too); this is the last
+    line: whatever version the gate is handed, its ``run_key`` tag must not match the
+    stop record its phase left in the checkpoints folder.
+    """
+    for phase in ("phase1", "phase2"):
+        info = results.get(phase)
+        if info is None or info["version"] == "local":
+            continue
+        stop = read_stop(paths.checkpoints(phase))
+        run_key = client.get_model_version(name, info["version"]).tags.get("run_key")
+        if stop is not None and run_key and stop.get("run_key") == run_key:
+            raise TrainingGuardError(
+                f"the gate refuses version {info['version']} ({phase}): a training guard stopped the PPO run it "
+                f"comes from, and 'champion' stays where it was. {stop['message']}", stop,
+            )
 
 
 def _report_plots(report_dir: Path) -> list[Path]:

@@ -1,11 +1,12 @@
 """The whole flow, end to end, on a shrunk embedded config: the real CLI, Prefect's
 ephemeral server, the sqlite MLflow registry, real PPO on a tiny Qwen2 model.
 
-Run five times against one registry: a permissive gate promotes the candidate; a
-strict gate (with a changed PPO seed, so both phases retrain) refuses it, exits 3,
-and leaves ``champion`` where it was; the same command again reuses every stage;
-a changed phase-2 setting re-trains phase 2 alone; a changed evaluation setting
-re-evaluates and trains nothing.
+Run against one registry: a permissive gate promotes the candidate; a strict gate
+(with a changed PPO seed, so both phases retrain) refuses it, exits 3, and leaves
+``champion`` where it was; the same command again reuses every stage; a changed
+phase-2 setting re-trains phase 2 alone; a changed evaluation setting re-evaluates
+and trains nothing; a phase 2 that a training guard stops exits 5 and registers
+nothing.
 """
 
 from __future__ import annotations
@@ -198,6 +199,26 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
     summary = json.loads((home / "reports" / "latest" / "summary.json").read_text())
     assert all(m["mean_length"] <= 24 for m in summary["models"]["phase2"]["eval"]["heldout"].values())
 
+
+    # ---- run 6: phase 2 with a token budget nothing fits in; the runaway-length guard stops it
+    # at step 2 (phase 1 and the curation are reused), and the gate never sees it
+    stopped = run_cli(home, "ppo.seed=1", "gate.min_length_reduction_pct=99", "gate.max_accuracy_drop=1.0",
+                      "phase2.ppo.max_new_tokens=2", "phase2.ppo.guards.truncation_patience=2")
+    assert stopped.returncode == 5, stopped.stderr[-4000:]
+    line = next(x for x in stopped.stderr.splitlines() if x.startswith("concise-rl run: "))
+    ckpt = home / "checkpoints" / "phase2"
+    assert line.startswith(f"concise-rl run: PPO in {ckpt} stopped at step 2 by the runaway length guard: "
+                           "truncation_rate was 1 (and at every step since step 1)")
+    assert f"Kept the last good checkpoint {ckpt / 'checkpoints' / 'step-000001'} (step 1)" in line
+    assert line.endswith("phase2 was not registered. Nothing was promoted; 'champion' is unchanged.")
+    assert sorted(versions(home)) == ["1", "2", "3", "4", "5", "6"], "no new candidate"
+    assert (alias(home, "champion"), alias(home, "candidate")) == ("3", "6")
+    assert json.loads((ckpt / "stopped.json").read_text())["checkpoint_step"] == 1
+    assert (ckpt / "checkpoints" / "latest").read_text() == "step-000001" and not (ckpt / "final").exists()
+    with sqlite3.connect(home / "prefect" / "prefect.db") as db:
+        train_task = db.execute("select state_type, run_count from task_run where name like 'train-%' "
+                                "order by created desc limit 1").fetchone()
+    assert train_task == ("FAILED", 1), "a guard's stop fails the task, which is not retried"
 
 def stage_counts(home: Path) -> dict:
     """How many times each stage has done work in ``home``: curation folders, training runs, evaluations."""

@@ -180,7 +180,8 @@ class GRPORun:
         self.on_step = on_step
         self.run_key = stable_hash({
             "algorithm": "grpo", "loss_type": loss_type, "policy": str(policy_path),
-            "problems": problems_hash(problems), "ppo": ppo_cfg.model_dump(mode="json"),
+            # ppo.guards belong to the PPO trainer; they change nothing here.
+            "problems": problems_hash(problems), "ppo": ppo_cfg.model_dump(mode="json", exclude={"guards"}),
             "reward": reward_cfg.model_dump(), "prompt": prompt_cfg.model_dump(),
         })
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -38,10 +39,10 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig, stable_hash
-from concise_rl.errors import DiskFullError
+from concise_rl.errors import DiskFullError, TrainingGuardError
 from concise_rl.problems import Problem, problems_hash
 from evaluation.grader import Grade
-from training import ppo
+from training import guards, ppo
 from training.generation import Generation, check_prompt_lengths, generate
 from training.models import Critic, format_prompt, load_policy, load_tokenizer
 from training.reward import score_responses
@@ -163,10 +164,11 @@ class PPOTrainer:
         # What makes a checkpoint resumable by this run: same start, data and settings. The start
         # is ``start_key`` where given (the pipeline passes the registry URI, models:/NAME/N, which
         # stays the same when the version's files are downloaded to another folder), else the path.
+        # The guards change nothing until they stop a run, so loosening one resumes the run they stopped.
         self.problems_hash = problems_hash(problems)
         self.run_key = stable_hash(
             {"policy": start_key or str(policy_path), "problems": self.problems_hash,
-             "ppo": ppo_cfg.model_dump(mode="json")}
+             "ppo": ppo_cfg.model_dump(mode="json", exclude={"guards"})}
         )
         if self.world > 1:
             # One key for all: a process may have resolved the start model to a path of its own.
@@ -177,6 +179,7 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(policy_path, trust_remote_code=model_cfg.trust_remote_code, prompt=prompt_cfg)
         self.prompts = [format_prompt(p.prompt, self.tokenizer, prompt_cfg) for p in problems]
         check_prompt_lengths(self.tokenizer, self.prompts, [p.id for p in problems], prompt_cfg.max_prompt_tokens)
+        self._history: list[dict] = []  # metrics rows of the steps so far (resumed ones too), for the guards
 
     def _check_divides_across_processes(self) -> None:
         n, cfg = self.world, self.cfg
@@ -539,13 +542,74 @@ class PPOTrainer:
             start += size
         return groups
 
-    def _check_finite(self, metrics: dict[str, float]) -> None:
-        for key in ("policy_loss", "value_loss"):
-            if not math.isfinite(metrics[key]):
-                raise FloatingPointError(
-                    f"PPO step {self.step}: {key} is {metrics[key]}; training stopped and the last "
-                    f"checkpoint in {self.ckpt_dir} kept. Lower ppo.actor_lr/critic_lr or check the rewards."
-                )
+    def _check_guards(self, metrics: dict[str, float]) -> None:
+        """Stop the phase if this step trips a guard (training/guards.py), before anything of it is saved."""
+        self._history.append({"step": self.step, **metrics})
+        finite = guards.FINITE_KEYS
+        if self._zero is None:  # DeepSpeed may report no gradient norm (logged as NaN)
+            finite += ("grad_norm_actor", "grad_norm_critic")
+        trip = guards.check(self._history, self.cfg.guards, finite)
+        if trip is not None:
+            self._stop(trip, metrics)
+
+    def _stop(self, trip: guards.Trip, metrics: dict[str, float]) -> NoReturn:
+        """Record the stop in ``stopped.json`` (the main process) and raise on every process.
+
+        The step that tripped is never checkpointed, so the ``latest`` checkpoint is the
+        last good one; for a non-finite step that also keeps the poisoned weights off disk.
+        """
+        latest = self._latest_checkpoint()
+        if latest is not None:
+            kept_step = json.loads((latest / "trainer_state.json").read_text())["step"]
+            kept = f"Kept the last good checkpoint {latest} (step {kept_step}); nothing after it was saved"
+        else:
+            kept_step = None
+            kept = (f"No checkpoint was written before it (ppo.checkpoint_every={self.cfg.checkpoint_every}), "
+                    "and nothing of this run was saved")
+        streak = f" (and at every step since step {trip.since})" if trip.since != trip.step else ""
+        message = (
+            f"PPO in {self.out_dir} stopped at step {trip.step} by the {trip.guard} guard: {trip.metric} was "
+            f"{trip.value:.4g}{streak}; threshold: {trip.threshold}. {kept}. "
+            f"What to do: {trip.advice}; then run again."
+        )
+        stop = {
+            **trip.as_dict(), "run_key": self.run_key, "guards": self.cfg.guards.model_dump(mode="json"),
+            "checkpoint": str(latest) if latest else None, "checkpoint_step": kept_step, "message": message,
+            "metrics": metrics,
+        }
+        if self.accelerator.is_main_process:
+            path = self.out_dir / guards.STOP_FILE
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(stop, indent=2))
+            os.replace(tmp, path)
+        log.error(message)
+        raise TrainingGuardError(message, stop)
+
+    def stop_record(self) -> dict | None:
+        """What a guard recorded when it stopped this exact run (same start, data, settings); None if it did not."""
+        stop = guards.read_stop(self.out_dir)
+        return stop if stop is not None and stop.get("run_key") == self.run_key else None
+
+    def raise_if_stopped(self) -> None:
+        """Raise the recorded stop again if a guard stopped this run and its guards are unchanged.
+
+        With the same guards the run would only stop again (it resumes from the same
+        checkpoint with the same random state), so it is not retried. With other guard
+        settings the record is cleared and :meth:`train` resumes from the kept checkpoint.
+        """
+        stop = self.stop_record()
+        if stop is None:
+            return
+        path = self.out_dir / guards.STOP_FILE
+        if stop.get("guards") == self.cfg.guards.model_dump(mode="json"):
+            raise TrainingGuardError(
+                f"{stop['message']} (Recorded in {path} by an earlier run with these settings; change them, or "
+                "delete that file to retry from the checkpoint.)", stop,
+            )
+        log.info("the guards changed since a guard stopped this run (%s); resuming from its last checkpoint", path)
+        self.accelerator.wait_for_everyone()  # every process has read the record before it goes
+        if self.accelerator.is_main_process:
+            path.unlink(missing_ok=True)
 
     # ----------------------------------------------------------------- loop
     def finished(self) -> Path | None:
@@ -553,7 +617,8 @@ class PPOTrainer:
         final = self.out_dir / "final"
         state = self._read_state(final / "trainer_state.json")
         if state and state.get("run_key") == self.run_key and state.get("step") == self.cfg.steps:
-            return final
+            # A run a guard stopped never writes final/; a record next to one still wins.
+            return final if self.stop_record() is None else None
         return None
 
     def resumable_step(self) -> int | None:
@@ -563,11 +628,16 @@ class PPOTrainer:
         return int(state["step"]) if state and state.get("run_key") == self.run_key else None
 
     def train(self) -> Path:
-        """Run PPO to ``cfg.steps`` (resuming from the last checkpoint) and return the final policy dir."""
+        """Run PPO to ``cfg.steps`` (resuming from the last checkpoint) and return the final policy dir.
+
+        Raises :class:`TrainingGuardError` when a guard stops the run (or stopped it before
+        with the same settings); the last checkpoint is kept and no final policy is written.
+        """
         done = self.finished()
         if done is not None:
             log.info("PPO already finished in %s; reusing it", done)
             return done
+        self.raise_if_stopped()
         self._build()
         self._resume_or_reset()
         acc = self.accelerator
@@ -579,7 +649,6 @@ class PPOTrainer:
             rollout, metrics = self._rollout(self.step)
             t_gen = time.perf_counter() - t0
             metrics |= self._update(rollout)
-            self._check_finite(metrics)
             elapsed = time.perf_counter() - t0
             if self.world > 1:  # the slowest process sets the pace; every process logs the same figures
                 elapsed, t_gen = self._all_reduce([elapsed, t_gen], "max")
@@ -593,6 +662,11 @@ class PPOTrainer:
                 self._append_metrics(metrics)
             if self.on_step:
                 self.on_step(self.step, metrics)
+            try:
+                self._check_guards(metrics)  # before the checkpoint: a step that trips one is never saved
+            except TrainingGuardError:
+                bar.close()  # the bar's last line comes before the message, not after it
+                raise
             bar.update(1)
             bar.set_postfix(acc=f"{metrics['accuracy']:.2f}", len=f"{metrics['response_length']:.0f}",
                             kl=f"{metrics['kl']:.3f}")
@@ -627,13 +701,23 @@ class PPOTrainer:
             self.load_checkpoint(latest)
             log.info("resumed PPO from %s at step %d", latest, self.step)
             acc.wait_for_everyone()
+            # The guards count streaks across the interruption, as if the run had not stopped.
+            rows = self._read_metrics()
+            self._history = [r for r in rows if r["step"] <= self.step]
             return
+        self._history = []
         if acc.is_main_process:
             if self.out_dir.exists():
                 log.info("starting %s afresh: its checkpoints belong to another run", self.out_dir)
                 shutil.rmtree(self.out_dir)
             self.out_dir.mkdir(parents=True)
         acc.wait_for_everyone()
+
+    def _read_metrics(self) -> list[dict]:
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def _append_metrics(self, metrics: dict[str, float]) -> None:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
