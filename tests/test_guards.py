@@ -104,14 +104,14 @@ def before_guards(monkeypatch, mlflow_home: Path) -> dict[int, dict[str, torch.T
     """{step: the newest checkpoint's weights when that step's metrics were logged}, i.e. just before
     the guards judged the step (a spy on the stage's MLflow logging; the real logging still runs)."""
     seen: dict[int, dict[str, torch.Tensor]] = {}
-    out, real = mlflow_home / "checkpoints" / "phase1", tracking.log_metrics
+    out, real = mlflow_home / "checkpoints" / "phase1", tracking.StepMetrics.__call__
 
-    def spy(metrics: dict, step: int | None = None) -> None:
-        if step is not None and (out / "checkpoints" / "latest").is_file():
+    def spy(self, step: int, metrics: dict) -> None:
+        if (out / "checkpoints" / "latest").is_file():
             seen[step] = weights(latest(out))
-        real(metrics, step=step)
+        real(self, step, metrics)
 
-    monkeypatch.setattr(tracking, "log_metrics", spy)
+    monkeypatch.setattr(tracking.StepMetrics, "__call__", spy)
     return seen
 
 
