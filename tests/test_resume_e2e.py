@@ -7,19 +7,18 @@ the same MLflow run, finish, register exactly one version per phase, and end whe
 an uninterrupted run of the same command (same seed, same base) ends.
 
 The tolerance: two processes on this CPU do not compute bit-identical matmuls
-(oneDNN/MKL kernels depend on memory alignment), so even step 1, before the kill,
-differs between two uninterrupted runs in the 4th-5th significant digit of the
-float figures (value loss 0.49328 against 0.49325). Measured on two uninterrupted
-runs of this command: value loss and gradient norms agree to ~3e-4 relative; the
-KL (per-sequence sum of the sampling pass's log-probs minus the reference
-forward's, which are two different kernels) is round-off-sized on this tiny model
-and moved by up to 4e-3 absolute (-2.6e-3 against 6e-7 at step 2). What must match
-exactly is what was sampled and graded: accuracy, reward, lengths, truncation and
-box rates, token counts, at every step. The float figures must agree to rel 1e-3
-(abs 1e-3; the KL to abs 1e-2), the final weights to within 2 x lr per Adam update
-(see ``weight_bound``: round-off steers near-zero gradients, and Adam moves those
-coordinates by ~lr whatever their size). ``explained_variance`` is left out: at step 1 the returns hardly vary
-and it swings between -6e7 and -2e12 from round-off alone.
+(oneDNN/MKL kernels depend on memory alignment), so two *uninterrupted* runs of
+this command already differ, from step 1 on. Measured on two such runs (both
+phases, every step): value loss up to 2.6e-4 relative, actor gradient norm 4e-4,
+critic gradient norm 1.3e-3; the KL (per-sequence sum of the sampling pass's
+log-probs minus the reference forward's: two different kernels) is round-off-sized
+on this tiny model and moved by up to 2.6e-3 absolute. What must match exactly is
+what was sampled and graded: accuracy, reward, lengths, truncation and box rates,
+token counts, at every step. The float figures must agree to rel 1e-2 (abs 1e-3;
+the KL to abs 1e-2), about ten times the spread of two uninterrupted runs; the
+final weights to within 2 x lr per Adam update (see ``weight_bound``).
+``explained_variance`` is left out: at step 1 the returns hardly vary and it swings
+between -6e7 and -2e12 from round-off alone.
 """
 
 from __future__ import annotations
@@ -121,7 +120,7 @@ def same_number(key: str, a: float, b: float) -> bool:
         return math.isnan(a) and math.isnan(b)
     if key in EXACT:
         return a == b
-    return math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-2 if key == "kl" else 1e-3)
+    return math.isclose(a, b, rel_tol=1e-2, abs_tol=1e-2 if key == "kl" else 1e-3)
 
 
 @pytest.mark.slow
