@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_models import without_chat_template
 
 from concise_rl.cli import EXIT_BAD_INPUT, main
 from concise_rl.problems import save_problems
@@ -45,17 +45,6 @@ def _bytes(path: Path, data: bytes) -> Path:
 def _good_problems(path: Path) -> Path:
     save_problems(generate_problems(4, seed=0, min_level=1, max_level=2), path)
     return path
-
-
-def _no_chat_template(tiny: Path, out: Path) -> Path:
-    shutil.copytree(tiny, out)
-    for name in ("chat_template.jinja", "chat_template.json"):
-        (out / name).unlink(missing_ok=True)
-    cfg_file = out / "tokenizer_config.json"
-    data = json.loads(cfg_file.read_text())
-    data.pop("chat_template", None)
-    cfg_file.write_text(json.dumps(data))
-    return out
 
 
 def _train(tiny: Path, problems: Path, *extra: str) -> list[str]:
@@ -113,7 +102,7 @@ CASES: dict[str, Case] = {
         ["no-such-model does not exist", "set model.name_or_path"],
     ),
     "tokenizer-without-chat-template": lambda tiny, d: (
-        _train(_no_chat_template(tiny, d / "plain"), _good_problems(d / "p.jsonl")),
+        _train(without_chat_template(tiny, d / "plain"), _good_problems(d / "p.jsonl")),
         ["plain has no chat template", "prompt.use_chat_template=false"],
     ),
     "max-length-too-small-for-the-prompt": lambda tiny, d: (

@@ -46,15 +46,20 @@ def test_missing_local_path_names_it(tmp_path: Path) -> None:
         load_tokenizer(str(missing))
 
 
-def test_tokenizer_without_chat_template_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
-    plain = tmp_path / "plain"
-    shutil.copytree(tiny_model_dir, plain)
+def without_chat_template(model_dir: Path, out: Path) -> Path:
+    """A copy of ``model_dir`` whose tokenizer has no chat template (in any of the places it can be kept)."""
+    shutil.copytree(model_dir, out)
     for name in ("chat_template.jinja", "chat_template.json"):
-        (plain / name).unlink(missing_ok=True)
-    cfg_file = plain / "tokenizer_config.json"
+        (out / name).unlink(missing_ok=True)
+    cfg_file = out / "tokenizer_config.json"
     data = json.loads(cfg_file.read_text())
     data.pop("chat_template", None)
     cfg_file.write_text(json.dumps(data))
+    return out
+
+
+def test_tokenizer_without_chat_template_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    plain = without_chat_template(tiny_model_dir, tmp_path / "plain")
     with pytest.raises(ModelLoadError, match="no chat template.*use_chat_template"):
         load_tokenizer(str(plain), prompt=PromptConfig())
     tok = load_tokenizer(str(plain), prompt=PromptConfig(use_chat_template=False))
