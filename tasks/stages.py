@@ -127,8 +127,9 @@ def prepare_base(cfg: PipelineConfig) -> dict[str, str]:
     if not is_embedded(cfg.model):
         check_model_path(source)  # a missing local folder is bad input, not a hub id to download
     client = tracking.setup(cfg)
-    # The embedded model's folder name already hashes its config and build recipe.
-    source_key = stable_hash(str(embedded_dir(cfg.model)) if is_embedded(cfg.model) else source)
+    # The embedded model's folder name already hashes its config and build recipe; the name, not
+    # the whole path, so a home that moved (another mount, a copy) finds its base again.
+    source_key = stable_hash(embedded_dir(cfg.model).name if is_embedded(cfg.model) else source)
     existing = tracking.find_version(client, cfg.registry.model_name, phase="base", source_key=source_key)
     if existing is not None:
         log.info("base model already registered as version %s", existing.version)
