@@ -131,6 +131,9 @@ def prepare_base(cfg: PipelineConfig) -> dict[str, str]:
     # the whole path, so a home that moved (another mount, a copy) finds its base again.
     source_key = stable_hash(embedded_dir(cfg.model).name if is_embedded(cfg.model) else source)
     existing = tracking.find_version(client, cfg.registry.model_name, phase="base", source_key=source_key)
+    if existing is None and is_embedded(cfg.model):  # registered before the key was the name: by its path
+        legacy = stable_hash(str(embedded_dir(cfg.model)))
+        existing = tracking.find_version(client, cfg.registry.model_name, phase="base", source_key=legacy)
     if existing is not None:
         log.info("base model already registered as version %s", existing.version)
         client.set_registered_model_alias(cfg.registry.model_name, PHASE_ALIAS["base"], existing.version)
