@@ -554,3 +554,27 @@ def test_ppo_checkpoints_are_mirrored_and_a_new_machine_resumes_from_the_store(s
     assert stages.local_model_dir(cfg, upload.uri) == str(local)
     with pytest.raises(StoreError, match="not a committed checkpoint folder"):
         stages.local_model_dir(cfg, f"s3://{BUCKET}/mirror/no-such-folder")
+
+
+def test_a_moved_home_finds_its_base_version_again(tmp_path, mlflow_home, monkeypatch):
+    """The embedded base is keyed on its folder name: a copied or re-mounted home registers it once, not twice."""
+    from mlflow import MlflowClient
+
+    from concise_rl.config import stable_hash
+    from tasks import stages
+    from tests.test_pipeline_e2e import ROOT, TINY
+    from training.models import embedded_dir
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [t for t in TINY if t.startswith("model.")])
+    assert stages.prepare_base(cfg)["version"] == "1"
+    moved = tmp_path / "moved"
+    shutil.copytree(mlflow_home, moved)
+    monkeypatch.setenv("CONCISE_RL_HOME", str(moved))
+    assert stages.prepare_base(cfg)["version"] == "1"
+
+    # A home whose base was registered under the older, path-based key is still recognised.
+    uri = f"sqlite:///{moved / 'mlflow.db'}"
+    MlflowClient(uri, uri).set_model_version_tag(cfg.registry.model_name, "1", "source_key",
+                                                 stable_hash(str(embedded_dir(cfg.model))))
+    assert stages.prepare_base(cfg)["version"] == "1"
+    assert len(MlflowClient(uri, uri).search_model_versions(f"name = '{cfg.registry.model_name}'")) == 1
