@@ -557,7 +557,10 @@ def test_ppo_checkpoints_are_mirrored_and_a_new_machine_resumes_from_the_store(s
 
 
 def test_a_moved_home_finds_its_base_version_again(tmp_path, mlflow_home, monkeypatch):
-    """The embedded base is keyed on its folder name: a copied or re-mounted home registers it once, not twice."""
+    """The embedded base is keyed on its folder name: a copied or re-mounted home registers it once, not twice.
+
+    Building it also must not leave accelerate in bf16 for the PPO that follows in the same process.
+    """
     from mlflow import MlflowClient
 
     from concise_rl.config import stable_hash
@@ -567,6 +570,8 @@ def test_a_moved_home_finds_its_base_version_again(tmp_path, mlflow_home, monkey
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [t for t in TINY if t.startswith("model.")])
     assert stages.prepare_base(cfg)["version"] == "1"
+    # Building the base ran TRL's SFT (bf16) in this process; PPO after it must still run in float32.
+    assert stages.accelerator(cfg).mixed_precision == "no"
     moved = tmp_path / "moved"
     shutil.copytree(mlflow_home, moved)
     monkeypatch.setenv("CONCISE_RL_HOME", str(moved))
