@@ -42,7 +42,7 @@ def markdown(key: str, text: str, description: str) -> None:
 
 # An image artifact is a URL the browser fetches. The plots live on the run's disk or in a
 # private bucket the browser cannot reach, so they travel inside the URL (a data: URI,
-# stored in the Prefect database). Matplotlib's PNGs here are 30-150 kB; anything above
+# stored in the Prefect database). The demo's PNGs are 28-166 kB; anything above
 # this size is left out of the UI (it is still in MLflow and the report folder).
 MAX_IMAGE_BYTES = 2_000_000
 
