@@ -20,7 +20,9 @@ from concise_rl.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No setting is meaningful at NaN or infinity (a reward of inf poisons every update), so
+    # YAML's .nan/.inf and --set x=inf are refused with the other bad input.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class EmbeddedModelConfig(_Strict):

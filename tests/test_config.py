@@ -300,3 +300,9 @@ def test_config_hash_changes_with_a_field():
 def test_config_hash_differs_between_shipped_configs():
     hashes = {p.name: load_config(p).config_hash() for p in CONFIGS.glob("*.yaml")}
     assert len(set(hashes.values())) == len(hashes)
+
+
+@pytest.mark.parametrize("override", ["reward.correct=inf", "reward.no_box=nan", "ppo.kl_coef=-inf"])
+def test_non_finite_numbers_are_refused(override: str) -> None:
+    with pytest.raises(ConfigError, match="finite number"):
+        load_config(None, [override])
