@@ -353,11 +353,12 @@ def train_phase(
     stage = f"train-{phase}"
     try:
         trainer.raise_if_stopped()
-        reopen = tracking.unfinished_run(cfg, stage, trainer.run_key) if trainer.resumable_step() else None
+        resume_at = trainer.resumable_step()
+        reopen = tracking.unfinished_run(cfg, stage, trainer.run_key) if resume_at is not None else None
         with _stage_run(cfg, stage, resume_run_id=reopen, phase=phase, model_uri=model_uri,
                         run_key=trainer.run_key) as run:
             if reopen is not None:
-                log.info("%s: resuming at step %d in MLflow run %s", phase, trainer.resumable_step(), reopen)
+                log.info("%s: resuming at step %d in MLflow run %s", phase, resume_at, reopen)
             else:
                 mlflow.log_params({"phase_problems": len(problems),
                                    "phase_ppo": json.dumps(ppo_cfg.model_dump(mode="json"))})

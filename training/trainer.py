@@ -621,11 +621,16 @@ class PPOTrainer:
             return final if self.stop_record() is None else None
         return None
 
-    def resumable_step(self) -> int | None:
-        """The step of this run's last checkpoint, if there is one to resume from (else None)."""
+    def _own_checkpoint(self) -> tuple[Path, dict] | None:
+        """This run's last checkpoint and its state, if ``latest`` points at one of this run's."""
         latest = self._latest_checkpoint()
         state = self._read_state(latest / "trainer_state.json") if latest else None
-        return int(state["step"]) if state and state.get("run_key") == self.run_key else None
+        return (latest, state) if state and state.get("run_key") == self.run_key else None
+
+    def resumable_step(self) -> int | None:
+        """The step of this run's last checkpoint, if there is one to resume from (else None)."""
+        own = self._own_checkpoint()
+        return int(own[1]["step"]) if own else None
 
     def train(self) -> Path:
         """Run PPO to ``cfg.steps`` (resuming from the last checkpoint) and return the final policy dir.
@@ -692,9 +697,8 @@ class PPOTrainer:
 
     def _resume_or_reset(self) -> None:
         acc = self.accelerator
-        latest = self._latest_checkpoint()
-        state = self._read_state(latest / "trainer_state.json") if latest else None
-        resume = bool(state and state.get("run_key") == self.run_key)
+        own = self._own_checkpoint()
+        resume, latest = own is not None, own[0] if own else None
         if self.world > 1:  # the main process decides for all, so none starts afresh while others resume
             resume, latest = broadcast_object_list([resume, latest])
         if resume:
