@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -373,13 +374,28 @@ def _alias_uri(cfg, alias: str, hint: str = "run the stage that creates it first
     return {"version": str(version.version), "uri": tracking.model_uri(version.name, version.version)}
 
 
+_MODEL_URI = re.compile(r"^models:/([^/@]+)(?:/(\d+)|@([^/@]+))$")
+
+
 def _explicit_model(cfg, uri: str, option: str = "--model") -> dict[str, str]:
     from tasks import tracking
 
     if uri.startswith("models:/"):
+        match = _MODEL_URI.match(uri)
+        if match is None:
+            raise LookupError(f"{option} {uri}: not a registry URI; write models:/NAME/VERSION (a number) or "
+                              "models:/NAME@ALIAS")
+        from mlflow.exceptions import MlflowException
+
+        name, number, alias = match.groups()
         client = tracking.setup(cfg)
-        name, _, ref = uri[len("models:/"):].partition("@" if "@" in uri else "/")
-        version = client.get_model_version_by_alias(name, ref) if "@" in uri else client.get_model_version(name, ref)
+        try:
+            version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise LookupError(f"{option} {uri}: the registry has no such version; `concise-rl models` lists the "
+                              "registered versions and their aliases") from None
         return {"version": str(version.version), "uri": tracking.model_uri(name, version.version)}
     if uri.startswith("s3://"):  # a checkpoint folder in the artifact store; checked when it is downloaded
         return {"version": "local", "uri": uri}

@@ -47,7 +47,7 @@ def _good_problems(path: Path) -> Path:
     return path
 
 
-def _train(tiny: Path, problems: Path, *extra: str) -> list[str]:
+def _train(tiny: Path | str, problems: Path, *extra: str) -> list[str]:
     return ["train", "--phase", "1", "--config", DEMO, "--model", str(tiny), "--problems", str(problems), *ROOMY,
             *extra]
 
@@ -96,6 +96,14 @@ CASES: dict[str, Case] = {
     "missing-model-path-option": lambda tiny, d: (
         _train(d / "no-such-model", _good_problems(d / "p.jsonl")),
         ["--model", "no-such-model: not a models:/ URI, not an s3:// checkpoint folder and not a model directory", "pass a local model folder"],
+    ),
+    "registry-uri-without-version": lambda tiny, d: (
+        _train("models:/concise-rl-demo/", _good_problems(d / "p.jsonl")),
+        ["--model models:/concise-rl-demo/: not a registry URI", "models:/NAME/VERSION (a number)"],
+    ),
+    "registry-version-that-does-not-exist": lambda tiny, d: (
+        _train("models:/concise-rl-demo/7", _good_problems(d / "p.jsonl")),
+        ["--model models:/concise-rl-demo/7: the registry has no such version", "`concise-rl models` lists"],
     ),
     "missing-model-path-in-config": lambda tiny, d: (
         ["curate", "--config", DEMO, "--set", f"model.name_or_path={d / 'no-such-model'}"],
