@@ -38,7 +38,7 @@ from accelerate import Accelerator
 from concise_rl import paths
 from concise_rl.ablation import Variant
 from concise_rl.config import Band, PipelineConfig, PPOConfig, stable_hash
-from concise_rl.errors import CurationError
+from concise_rl.errors import CurationError, TrainingGuardError
 from concise_rl.problems import Problem, load_problems, problems_hash, save_problems
 from evaluation import plots
 from evaluation.evaluate import evaluate_model, temp_key
@@ -181,7 +181,19 @@ def _run_variant(cfg: PipelineConfig, variant: Variant, ppo: PPOConfig, curation
     save_problems(problems, vdir / "problems.jsonl")
 
     t0 = time.perf_counter()
-    final = _train(cfg, variant, settings, problems, start_dir, vdir / "train")
+    try:
+        final = _train(cfg, variant, settings, problems, start_dir, vdir / "train")
+    except TrainingGuardError as exc:
+        # One variant that diverges is a result of the ablation, not a reason to lose the others:
+        # it gets a row that says which guard stopped it, and a re-run with the same settings keeps it.
+        stop = exc.stop
+        note = f"stopped by the {stop.get('guard', 'training')} guard at step {stop.get('step', '?')}"
+        log.warning("%s %s: %s", variant.name, note, exc)
+        result = {"variant": variant.name, "kind": variant.kind, "status": "stopped", "key": key, "note": note,
+                  "steps": settings.steps, "problems": len(problems), "stop": stop,
+                  "train_seconds": round(time.perf_counter() - t0, 1)}
+        _atomic_write_json(result_file, result)
+        return result
     t1 = time.perf_counter()
     evals = _evaluate(cfg, final, heldout, vdir)
     result = {
@@ -278,7 +290,7 @@ def table(start_label: str, start_eval: dict[str, dict], results: list[dict]) ->
     rows = [[start_label, "", "", "", *cells(start_eval, None), "start model"]]
     for r in results:
         if r["status"] != "done":
-            rows.append([r["variant"], "", "0", "", *[""] * (4 * len(temps)), r["note"]])
+            rows.append([r["variant"], "", str(r.get("problems", 0)), "", *[""] * (4 * len(temps)), r["note"]])
             continue
         rate = "" if r["train_pass_rate"] is None else f"{r['train_pass_rate']:.2f}"
         rows.append([r["variant"], str(r["steps"]), str(r["problems"]), rate, *cells(r["eval"], start_eval), r["note"]])

@@ -279,3 +279,21 @@ def test_small_ablation_end_to_end(tmp_path: Path) -> None:
     assert {n: (out / "variants" / n / "result.json").stat().st_mtime_ns for n in done} == stamps
     for n in done:
         assert f"{n} already done in {out / 'variants' / n}" in again.stderr
+
+    # A variant a training guard stops gets a row that says so, and the others still run: a budget of
+    # 2 tokens truncates every PPO response (GRPO has no guards and trains on).
+    stopped_out = tmp_path / "ablation-stopped"
+    guarded = ["ablate", *settings, "--variants", "ppo-lam1.0-token-mean,grpo-dr_grpo", "--steps", "2",
+               "--eval-problems", "6", "-o", str(stopped_out), "--set", "phase2.ppo.max_new_tokens=2",
+               "--set", "phase2.ppo.guards.max_truncation_rate=0.01", "--set", "phase2.ppo.guards.truncation_patience=1"]
+    proc = run_cli(home, *guarded)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((stopped_out / "ablation.json").read_text())
+    ppo_result, grpo_result = report["variants"]
+    assert ppo_result["status"] == "stopped" and grpo_result["status"] == "done"
+    assert ppo_result["stop"]["guard"] == "runaway length" and ppo_result["stop"]["step"] == 1
+    ppo_row = report["rows"][1]
+    assert ppo_row[0] == "ppo-lam1.0-token-mean" and ppo_row[-1] == "stopped by the runaway length guard at step 1"
+    assert ppo_row[2] == str(phase2_size) and ppo_row[4:-1] == [""] * 8
+    assert not (stopped_out / "variants" / "ppo-lam1.0-token-mean" / "train" / "final").exists()
+    assert "ppo-lam1.0-token-mean stopped by the runaway length guard at step 1" in proc.stderr
