@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -26,7 +27,7 @@ from accelerate.state import AcceleratorState
 
 from concise_rl import paths
 from concise_rl import store as artifact_store
-from concise_rl.config import DataSource, PipelineConfig, stable_hash
+from concise_rl.config import DataSource, PipelineConfig, PPOConfig, stable_hash
 from concise_rl.errors import TrainingGuardError
 from concise_rl.problems import Problem, load_hf_dataset, load_problems, problems_hash, save_problems
 from concise_rl.synthetic import generate_problems
@@ -241,11 +242,19 @@ class _CheckpointMirror:
     before it is deleted once ``LATEST`` has moved, so the store holds one or two.
     A fresh machine (no local checkpoint) restores the folder ``LATEST`` names,
     checked file by file, and PPO resumes from it as from a local one.
+
+    Uploads run in a background thread, one at a time: :meth:`push` waits for the
+    previous one (raising its error, if it had one) and starts the next, so training
+    does not stop for a multi-GB transfer. :meth:`close` waits for the last one.
     """
+
+    STAGING = ".mirror-staging"
 
     def __init__(self, cfg: PipelineConfig, phase: str, run_key: str):
         self.store = artifact_store.open_store(cfg.store)
         self.root = self.store.uri("runs", cfg.registry.model_name, phase, run_key[:16])
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     @staticmethod
     def enabled(cfg: PipelineConfig) -> bool:
@@ -253,12 +262,63 @@ class _CheckpointMirror:
         return artifact_store.is_s3(cfg.store.uri or "") if on is None else on
 
     def push(self, path: Path) -> None:
-        previous = self.store.read_text(artifact_store.join(self.root, "LATEST"))
-        self.store.upload_dir(path, artifact_store.join(self.root, path.name))
-        self.store.write_text(artifact_store.join(self.root, "LATEST"), path.name)
-        if previous and previous.strip() != path.name:
-            self.store.delete_dir(artifact_store.join(self.root, previous.strip()))
-        log.info("checkpoint %s mirrored to %s", path.name, self.root)
+        """Wait for the previous upload (raising its error), then start uploading ``path`` in the background."""
+        self.close()
+        staged = self._stage(path)
+        self._thread = threading.Thread(target=self._upload, args=(staged, path.name),
+                                        name=f"mirror-{path.name}")
+        self._thread.start()
+
+    def close(self) -> None:
+        """Wait for the upload in flight, if any; raise the error it ended with."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _stage(self, path: Path) -> Path:
+        # The trainer prunes old local checkpoints (keeping two) before it calls us, so with slow
+        # uploads the folder being uploaded can be deleted under the upload. Hard links to its files
+        # in a sibling folder keep their content alive until the upload is done; they cost no space
+        # (same filesystem). Where linking fails, the files are copied.
+        staged = path.parent / self.STAGING / path.name
+        shutil.rmtree(staged, ignore_errors=True)  # left by a process killed mid-upload
+        try:
+            for src in sorted(path.rglob("*")):
+                dst = staged / src.relative_to(path)
+                if src.is_dir():
+                    dst.mkdir(parents=True, exist_ok=True)
+                    continue
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+        except BaseException:
+            self._unstage(staged)
+            raise
+        return staged
+
+    def _unstage(self, staged: Path) -> None:
+        shutil.rmtree(staged, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staged.parent.rmdir()  # only once empty
+
+    def _upload(self, staged: Path, name: str) -> None:
+        """Commit ``staged`` as ``name``, then point ``LATEST`` at it, then delete the one before (in the thread)."""
+        try:
+            previous = self.store.read_text(artifact_store.join(self.root, "LATEST"))
+            self.store.upload_dir(staged, artifact_store.join(self.root, name))
+            self.store.write_text(artifact_store.join(self.root, "LATEST"), name)
+            if previous and previous.strip() != name:
+                self.store.delete_dir(artifact_store.join(self.root, previous.strip()))
+            log.info("checkpoint %s mirrored to %s", name, self.root)
+        except BaseException as exc:  # noqa: BLE001 - handed to the next push() or close()
+            self._error = exc
+        finally:
+            self._unstage(staged)
 
     def restore(self, ckpt_dir: Path) -> str | None:
         """Download the newest mirrored checkpoint into ``ckpt_dir`` and point ``latest`` at it; its name."""
@@ -346,8 +406,36 @@ def train_phase(
         if trainer.resumable_step() is None:  # a new machine, or a wiped disk: resume from the store's copy
             mirror[0].restore(trainer.ckpt_dir)
     acc.wait_for_everyone()
-    if not acc.is_main_process:
-        return str(trainer.train())
+    # Checkpoints upload in the background: the phase returns only once the last one is in the
+    # store (so a registered phase has its resume state there), and a crash or a guard stop still
+    # finishes it, for a restart elsewhere.
+    failed = True
+    try:
+        if acc.is_main_process:
+            final = _train_tracked(cfg, phase, model_uri, trainer, len(problems), ppo_cfg, step_metrics)
+        else:
+            final = trainer.train()
+        failed = False
+    finally:
+        _finish_mirror(mirror, training_failed=failed)
+    return str(final)
+
+
+def _finish_mirror(mirror: list[_CheckpointMirror], training_failed: bool) -> None:
+    """Wait for the last checkpoint upload; its error is raised, or only logged when training failed
+    (that exception is the one to see)."""
+    for m in mirror:
+        try:
+            m.close()
+        except Exception as exc:
+            if not training_failed:
+                raise
+            log.error("the upload of the last checkpoint to %s failed as well: %s", m.root, exc)
+
+
+def _train_tracked(cfg: PipelineConfig, phase: str, model_uri: str, trainer: PPOTrainer, n_problems: int,
+                   ppo_cfg: PPOConfig, step_metrics: tracking.StepMetrics) -> Path:
+    """PPO on the main process, inside the phase's MLflow run."""
     # A run killed mid-phase resumes from its last checkpoint; it also carries on in the MLflow
     # run it had opened, so the phase keeps one run and one metric history.
     stage = f"train-{phase}"
@@ -360,7 +448,7 @@ def train_phase(
             if reopen is not None:
                 log.info("%s: resuming at step %d in MLflow run %s", phase, resume_at, reopen)
             else:
-                mlflow.log_params({"phase_problems": len(problems),
+                mlflow.log_params({"phase_problems": n_problems,
                                    "phase_ppo": json.dumps(ppo_cfg.model_dump(mode="json"))})
             try:
                 final = trainer.train()
@@ -376,7 +464,7 @@ def train_phase(
             _log_training(phase, run)
     except TrainingGuardError as exc:
         raise TrainingGuardError(f"{exc} {phase} was not registered.", exc.stop) from None
-    return str(final)
+    return final
 
 
 def _log_training(phase: str, run) -> None:

@@ -556,6 +556,96 @@ def test_ppo_checkpoints_are_mirrored_and_a_new_machine_resumes_from_the_store(s
         stages.local_model_dir(cfg, f"s3://{BUCKET}/mirror/no-such-folder")
 
 
+def test_mirror_upload_runs_in_the_background_and_survives_the_local_checkpoint_being_pruned(s3_server, tmp_path):
+    """push() returns before the upload; the trainer may delete the folder meanwhile (pruning) and the store
+    still gets all of it, from the hard-linked staging folder, committed in order (folder, LATEST, old deleted)."""
+    import threading
+
+    from tasks import stages
+
+    cfg = PipelineConfig(store=s3_server.store_config("bg").model_dump())
+    mirror = stages._CheckpointMirror(cfg, "phase1", "0123456789abcdef-run")
+    ckpts = tmp_path / "checkpoints"
+    reference = {}
+    for name in ("step-000001", "step-000002"):
+        make_checkpoint(ckpts / name, big_mb=6)
+        reference[name] = shutil.copytree(ckpts / name, tmp_path / "reference" / name)
+
+    # Each upload waits until the test has deleted the local folder, so one that read the original folder
+    # (or ran before push() returned) would find nothing there.
+    pruned = {name: threading.Event() for name in reference}
+    waited = []
+    upload_dir = mirror.store.upload_dir
+
+    def gated_upload_dir(local_dir, uri, manifest=None):
+        waited.append(pruned[Path(local_dir).name].wait(timeout=30))
+        return upload_dir(local_dir, uri, manifest)
+
+    mirror.store.upload_dir = gated_upload_dir
+    for name in reference:
+        mirror.push(ckpts / name)
+        assert (ckpts / ".mirror-staging" / name).is_dir(), "staged before push() returns"
+        shutil.rmtree(ckpts / name)  # what _prune_checkpoints does to an older checkpoint
+        pruned[name].set()
+    mirror.close()
+    assert waited == [True, True], "an upload had to go on before its push() returned"
+    assert not (ckpts / ".mirror-staging").exists(), "the staging folder is removed once uploaded"
+
+    assert mirror.store.read_text(f"{mirror.root}/LATEST") == "step-000002"
+    assert mirror.store.read_manifest(f"{mirror.root}/step-000001") is None, "the older mirrored checkpoint is deleted"
+    mirror.store.verify(f"{mirror.root}/step-000002")
+    fresh = tmp_path / "fresh"
+    assert mirror.restore(fresh) == "step-000002"
+    assert same_tree(reference["step-000002"], fresh / "step-000002")
+    mirror.close()  # nothing in flight: a no-op
+
+
+def test_a_failed_background_upload_is_raised_by_the_next_push_or_close_and_unstaged(s3_server, tmp_path):
+    """The StoreError an upload thread ends with (after its retries) surfaces, with its message, at the next
+    push() (which then starts nothing) or at close(); the staging folder is removed either way."""
+    from concise_rl.store import StoreError
+    from tasks import stages
+
+    cfg = PipelineConfig(store=s3_server.store_config("fail", max_attempts=2, retry_base_s=0.05).model_dump())
+    mirror = stages._CheckpointMirror(cfg, "phase1", "0123456789abcdef-run")
+    ckpts = tmp_path / "checkpoints"
+    for name in ("step-000001", "step-000002", "step-000003"):
+        make_checkpoint(ckpts / name, big_mb=1)
+    s3_server.stop()
+
+    mirror.push(ckpts / "step-000001")  # returns: the error comes with the next call
+    with pytest.raises(StoreError, match=f"failed 2 times against {s3_server.endpoint}"):
+        mirror.push(ckpts / "step-000002")
+    assert not (ckpts / ".mirror-staging").exists(), "the failed upload's staging folder is removed"
+    mirror.close()  # the error was raised once; step 2 never started
+
+    mirror.push(ckpts / "step-000003")
+    with pytest.raises(StoreError, match=f"failed 2 times against {s3_server.endpoint}"):
+        mirror.close()
+    assert not (ckpts / ".mirror-staging").exists()
+    assert all((ckpts / n / "model.safetensors").is_file() for n in ("step-000001", "step-000002", "step-000003")), \
+        "the local checkpoints are left alone"
+
+
+def test_train_phase_raises_the_last_upload_error_only_when_training_succeeded(caplog):
+    """A failed last upload fails a finished phase; after a crash it is logged and the crash is what is raised."""
+    from concise_rl.store import StoreError
+    from tasks import stages
+
+    class FailedMirror:
+        root = "s3://bucket/runs/x"
+
+        def close(self):
+            raise StoreError("upload of step-000003 failed 5 times")
+
+    with pytest.raises(StoreError, match="step-000003 failed 5 times"):
+        stages._finish_mirror([FailedMirror()], training_failed=False)
+    with caplog.at_level(logging.ERROR):
+        stages._finish_mirror([FailedMirror()], training_failed=True)
+    assert "step-000003 failed 5 times" in caplog.text
+    stages._finish_mirror([], training_failed=False)
+
+
 def test_a_moved_home_finds_its_base_version_again(tmp_path, mlflow_home, monkeypatch):
     """The embedded base is keyed on its folder name: a copied or re-mounted home registers it once, not twice.
 
