@@ -670,15 +670,17 @@ def _cmd_models(args, cfg) -> int:
 
     from concise_rl.config import redact_url
 
-    table = Table(title=escape(f"{cfg.registry.model_name} in {redact_url(tracking.tracking_uri(cfg))}"))
-    figures = "figures: accuracy (paired change vs parent [95% CI], points), mean length, length cut vs parent"
-    for col in ("version", "aliases", "phase", "parent", "created (UTC)", "gate", figures):
+    table = Table(title=escape(f"{cfg.registry.model_name} in {redact_url(tracking.tracking_uri(cfg))}"),
+                  caption="acc: accuracy (paired change vs parent [95% CI], points); len: mean response length "
+                          "(tokens); cut: length cut vs parent")
+    for col in ("version", "aliases", "phase", "parent", "created (UTC)", "gate", "figures vs parent"):
         table.add_column(escape(col))
     for r in rows:
         gate = r["gate"] + (f": {r['gate_failed_criteria']}" if r["gate_failed_criteria"] else "")
         table.add_row(*map(escape, (r["version"], ", ".join(r["aliases"]), r["phase"], r["parent_version"],
                                     r["created"].replace("T", " ").rstrip("Z"), gate, _figures_text(r["eval"]))))
-    Console().print(table)
+    # Piped into a file or a CI log, rich would fold the table to 80 columns; give it room instead.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
 
 

@@ -76,8 +76,9 @@ def test_models_lists_versions_aliases_lineage_and_promoted_figures(tmp_path, ti
         assert (f["accuracy_diff"], f["accuracy_diff_ci_low"], f["accuracy_diff_ci_high"]) == pytest.approx(
             (gate["difference"], *gate["ci"]), abs=1e-4)
 
-    # The table: one row per version, the figures of the promoted one on it.
-    monkeypatch.setenv("COLUMNS", "300")
+    # The table: one row per version, the figures of the promoted one on it, each on one line
+    # although the output is not a terminal (rich would fold it to 80 columns there).
+    monkeypatch.delenv("COLUMNS", raising=False)
     code, out, _ = models_cli(capsys, sets)
     assert code == 0
     assert "candidate, champion" in out and "passed" in out
@@ -85,6 +86,7 @@ def test_models_lists_versions_aliases_lineage_and_promoted_figures(tmp_path, ti
         acc = 100 * figures["heldout"][t]["accuracy"]
         assert f"heldout T={t}: acc {acc:.1f}%" in out
     assert "cut " in out and "len " in out
+    assert "len: mean response length (tokens)" in out, "the caption says what the figures are"
 
     # A model that is not registered: bad input, exit 2, the store named.
     code, _, err = models_cli(capsys, [*sets, "registry.model_name=nothing-here"])
