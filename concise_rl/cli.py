@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -374,20 +373,17 @@ def _alias_uri(cfg, alias: str, hint: str = "run the stage that creates it first
     return {"version": str(version.version), "uri": tracking.model_uri(version.name, version.version)}
 
 
-_MODEL_URI = re.compile(r"^models:/([^/@]+)(?:/(\d+)|@([^/@]+))$")
-
-
 def _explicit_model(cfg, uri: str, option: str = "--model") -> dict[str, str]:
     from tasks import tracking
 
     if uri.startswith("models:/"):
-        match = _MODEL_URI.match(uri)
+        match = tracking.MODEL_URI.match(uri)
         if match is None:
             raise LookupError(f"{option} {uri}: not a registry URI; write models:/NAME/VERSION (a number) or "
                               "models:/NAME@ALIAS")
         from mlflow.exceptions import MlflowException
 
-        name, number, alias = match.groups()
+        name, number, alias = match["name"], match["version"], match["alias"]
         client = tracking.setup(cfg)
         try:
             version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)

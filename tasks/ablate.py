@@ -290,7 +290,7 @@ def table(start_label: str, start_eval: dict[str, dict], results: list[dict]) ->
     rows = [[start_label, "", "", "", *cells(start_eval, None), "start model"]]
     for r in results:
         if r["status"] != "done":
-            rows.append([r["variant"], "", str(r.get("problems", 0)), "", *[""] * (4 * len(temps)), r["note"]])
+            rows.append([r["variant"], "", str(r["problems"]), "", *[""] * (4 * len(temps)), r["note"]])
             continue
         rate = "" if r["train_pass_rate"] is None else f"{r['train_pass_rate']:.2f}"
         rows.append([r["variant"], str(r["steps"]), str(r["problems"]), rate, *cells(r["eval"], start_eval), r["note"]])

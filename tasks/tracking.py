@@ -297,7 +297,8 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
         return None
 
 
-_PINNED_MODEL = re.compile(r"^models:/[^/@]+/\d+$")
+# A registry URI: models:/NAME/VERSION (pinned) or models:/NAME@ALIAS (moves with the alias).
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))$")
 
 
 def resolve_model_uri(uri: str) -> str:
@@ -313,7 +314,9 @@ def resolve_model_uri(uri: str) -> str:
     """
     if not uri.startswith(("models:/", "runs:/")):
         return uri
-    if not is_server(mlflow.get_tracking_uri()) or not (_PINNED_MODEL.match(uri) or uri.startswith("runs:/")):
+    registry = MODEL_URI.match(uri)
+    pinned = registry is not None and registry["version"] is not None
+    if not is_server(mlflow.get_tracking_uri()) or not (pinned or uri.startswith("runs:/")):
         return mlflow.artifacts.download_artifacts(artifact_uri=uri)
     digest = hashlib.sha256(f"{mlflow.get_tracking_uri()} {uri}".encode()).hexdigest()[:16]
     target = paths.home() / "downloads" / digest
