@@ -19,7 +19,8 @@ decoding). Then, printing one JSON line per result as it goes:
    DeepSpeed config, started with ``accelerate launch --num_processes 1``: step
    time, rollout and update time, tokens per second and peak GPU memory.
 
-Sized to finish within 5 minutes on one H100 (all of it, one command):
+About 6 minutes on one H200 (measured in parts on 2026-11-27: rollouts 2.5 min, each PPO mode
+about 1.5 min; BENCHMARKS.md), all of it one command:
 
     python -m bench.gpu --deepspeed infra/accelerate/deepspeed-zero2.yaml | tee gpu.jsonl
 
@@ -272,8 +273,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# What the PPO part imports beyond the rollout part: the grader (math-verify, in a pebble pool) scores
+# every rollout, and the trainer wraps the reference model with TRL's DeepSpeed helper. A GPU image
+# with only torch and transformers ran the rollouts for minutes and then failed on these.
+PPO_MODULES = {"pebble": "pebble", "math_verify": "math-verify"}
+DEEPSPEED_MODULES = {"trl": "trl"}
+
+
+def missing_packages(args: argparse.Namespace) -> list[str]:
+    """The packages (pip names) the requested parts need that this interpreter cannot import."""
+    needed = dict(PPO_MODULES) if args.ppo_steps else {}
+    if args.ppo_steps and args.deepspeed:
+        needed |= DEEPSPEED_MODULES
+    return [pip for module, pip in needed.items() if importlib.util.find_spec(module) is None]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    missing = missing_packages(args)
+    if missing:
+        sys.exit(f"bench.gpu: the PPO part needs {', '.join(missing)}, which this Python cannot import. "
+                 f"Install the project (pip install -e '.[gpu]'), or carry them as wheels; "
+                 f"or run only the rollouts with --ppo-steps 0.")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     if args.ppo_only is not None:
         bench_ppo(args.ppo_only, args, args.mode)

@@ -43,3 +43,23 @@ def test_gpu_bench_smoke_run_on_the_cpu(tmp_path: Path) -> None:
     if not any("skipped" in x for x in deepspeed):
         assert [x["step"] for x in deepspeed if "step" in x] == [1, 2]
     assert not list(tmp_path.iterdir()), "the saved model is removed at the end"
+
+
+def test_gpu_bench_names_missing_packages_before_any_work() -> None:
+    """A GPU image with only torch and transformers once ran the rollouts for minutes, then failed in the
+    PPO part on the grader's and TRL's imports. The bench now says so before it builds anything."""
+    hide = "import sys; sys.modules.update(pebble=None, trl=None); from bench.gpu import main; main(sys.argv[1:])"
+    base = [sys.executable, "-c", hide, "--tiny", "--port", "29578"]
+    done = subprocess.run([*base, "--deepspeed", "infra/accelerate/deepspeed-zero2.yaml"], check=False,
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 1 and done.stdout == "", (done.stdout, done.stderr[-2000:])
+    assert "needs pebble, trl" in done.stderr and "--ppo-steps 0" in done.stderr
+
+    no_deepspeed = subprocess.run(base, check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert no_deepspeed.returncode == 1 and "trl" not in no_deepspeed.stderr
+    assert "needs pebble, which" in no_deepspeed.stderr
+
+    rollouts_only = subprocess.run([*base, "--ppo-steps", "0"], check=False, capture_output=True, text=True,
+                                   cwd=ROOT, timeout=300)
+    assert rollouts_only.returncode == 0, rollouts_only.stderr[-2000:]
+    assert '"stage": "done"' in rollouts_only.stdout
