@@ -20,7 +20,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from concise_rl.config import GuardConfig, ModelConfig, PPOConfig, PromptConfig, RewardConfig
+from concise_rl.config import (
+    GuardConfig,
+    ModelConfig,
+    PPOConfig,
+    PromptConfig,
+    RewardConfig,
+)
 from concise_rl.synthetic import generate_problems, reasoning_trace
 from evaluation.grader import Grade
 from training.embedded import build_tokenizer
