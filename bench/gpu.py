@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     missing = missing_packages(args)
     if missing:
         sys.exit(f"bench.gpu: the PPO part needs {', '.join(missing)}, which this Python cannot import. "
-                 f"Install the project (pip install -e '.[gpu]'), or carry them as wheels; "
+                 f"Install the project (pip install -e '.[gpu]') or those packages, "
                  f"or run only the rollouts with --ppo-steps 0.")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     if args.ppo_only is not None:
