@@ -234,6 +234,13 @@ def _point_latest(curation_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- training
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 class _CheckpointMirror:
     """Copies of one training run's PPO checkpoints in the artifact store, for a restart elsewhere.
 
@@ -286,16 +293,7 @@ class _CheckpointMirror:
         staged = path.parent / self.STAGING / path.name
         shutil.rmtree(staged, ignore_errors=True)  # left by a process killed mid-upload
         try:
-            for src in sorted(path.rglob("*")):
-                dst = staged / src.relative_to(path)
-                if src.is_dir():
-                    dst.mkdir(parents=True, exist_ok=True)
-                    continue
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copy2(src, dst)
+            shutil.copytree(path, staged, copy_function=_link_or_copy)
         except BaseException:
             self._unstage(staged)
             raise
