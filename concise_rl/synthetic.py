@@ -14,10 +14,10 @@ sometimes, which gives curation a spread of pass rates.
 
 Chain-of-thought traces carry a random amount of redundant re-checking: once the
 chain is done and the answer boxed, a verbose trace goes back over the steps
-("Let me check each step. Check B *8: 2*8=16->6. ...") and restates the answer.
+("Let me check each step. Check B *8: 2*8=16->6. ... All steps check out.").
 That makes the trained base a *verbose reasoner*, the analogue of R1-Distill's
 "wait, let me double-check", whose length RL can then reduce without any length
-term in the reward. The re-check comes after the answer and only restates it, so
+term in the reward. The re-check comes after the boxed answer and boxes nothing, so
 it neither fixes nor causes a wrong answer: accuracy lives in the first pass, where
 RL on hard problems can improve it directly, and the re-check is pure length.
 (An earlier design redid the whole chain *before* the answer; the redo copied the
@@ -44,6 +44,12 @@ HELDOUT_FRACTION = 0.2
 # (the demo's budget is 384).
 VERBOSITY_WEIGHTS = (1, 2, 6)
 RECHECK = "Let me check each step."
+# How a re-check ends. It restates no answer: a trace's only boxed answer is the
+# first pass's, so a slip made while re-checking cannot change it. (A version whose
+# re-check ended by boxing the answer again copied the last re-checked step into
+# it: the base's first pass was right 99.7% of the time on 7-8 steps and its final
+# answer 76%, and RL in both phases then just dropped the re-check.)
+RECHECK_END = "All steps check out."
 
 
 @dataclass(frozen=True)
@@ -167,8 +173,8 @@ def reasoning_trace(question: str, rng: random.Random, verbosity: int | None = N
     arithmetic. The letter after the last step says "stop", and the answer is boxed.
     verbosity 0 stops there; 1 then re-checks the first k steps (k drawn from 1 to
     the number of steps) and 2 every step, each re-check a point where the trace
-    could stop instead, and both restate the boxed answer at the end. So the trace
-    length varies about 2x at equal accuracy.
+    could stop instead, and both end by saying that every step checks out. So the
+    trace length varies about 2x at equal accuracy.
     """
     steps = _parse_question(question)
     if verbosity is None:
@@ -183,7 +189,7 @@ def reasoning_trace(question: str, rng: random.Random, verbosity: int | None = N
         checked = len(steps) if verbosity == 2 else rng.randint(1, len(steps))
         lines.append(RECHECK)
         lines += [f"Check {_line(LETTERS[i], steps[i])}" for i in range(checked)]
-        lines.append(answer)
+        lines.append(RECHECK_END)
     return " ".join(lines)
 
 
