@@ -75,15 +75,25 @@ def load_responses(path: Path, set_name: str, temperature: float) -> dict[str, d
     file = path / "responses.jsonl" if path.is_dir() else path
     if not file.is_file():
         sys.exit(f"trace_errors: {file} does not exist; pass an evaluation folder (it holds responses.jsonl)")
-    rows = {}
-    with open(file) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["set"] == set_name and r["temperature"] == temperature and r.get("sample", 0) == 0:
-                rows[r["problem_id"]] = r
+    # Imported here: evaluation.report loads matplotlib, which --help and bad arguments do not need.
+    from evaluation.report import read_responses
+
+    rows = {
+        r["problem_id"]: r
+        for r in read_responses(file)
+        if r["set"] == set_name and r["temperature"] == temperature and r.get("sample", 0) == 0
+    }
     if not rows:
         sys.exit(f"trace_errors: {file} has no responses for set {set_name!r} at temperature {temperature}")
     return rows
+
+
+def _kind(text: str | None, steps: list[Step]) -> str:
+    """A pass's first error kind, 'exact' when it has none, 'none' when the pass is missing."""
+    if text is None:
+        return "none"
+    error = check_pass(text, steps)
+    return error.kind if error else "exact"
 
 
 def summarise(rows: dict[str, dict], questions: dict[str, list[Step]]) -> dict:
@@ -91,8 +101,7 @@ def summarise(rows: dict[str, dict], questions: dict[str, list[Step]]) -> dict:
     no_recheck = 0
     for pid, r in rows.items():
         first, second = split_passes(r["response"])
-        error = check_pass(first, questions[pid])
-        first_kinds[error.kind if error else "exact"] += 1
+        first_kinds[_kind(first, questions[pid])] += 1
         no_recheck += second is None
     return {"responses": len(rows), "correct": sum(bool(r["correct"]) for r in rows.values()),
             "first_pass": dict(sorted(first_kinds.items())), "no_second_pass": no_recheck}
@@ -100,12 +109,7 @@ def summarise(rows: dict[str, dict], questions: dict[str, list[Step]]) -> dict:
 
 def pass_kinds(response: str, steps: list[Step]) -> str:
     """'first/second' error kinds of a response ('exact', or 'none' for a missing second pass)."""
-    first, second = split_passes(response)
-    kinds = []
-    for text in (first, second):
-        error = None if text is None else check_pass(text, steps)
-        kinds.append("none" if text is None else (error.kind if error else "exact"))
-    return "/".join(kinds)
+    return "/".join(_kind(text, steps) for text in split_passes(response))
 
 
 def compare(rows: dict[str, dict], base: dict[str, dict], questions: dict[str, list[Step]]) -> dict:
