@@ -197,7 +197,12 @@ class PPOConfig(_Strict):
     clip_range: float = Field(0.2, gt=0.0)
     value_clip_range: float = Field(0.2, gt=0.0)
     kl_coef: float = Field(0.01, ge=0.0)
-    whiten_advantages: bool = True
+    advantage_norm: Literal["whiten", "scale", "none"] = Field(
+        "whiten",
+        description="how advantages are normalised over the step's tokens: 'whiten' to zero mean and unit "
+        "variance (OpenRLHF, the paper's code); 'scale' divides by the standard deviation only, so every "
+        "advantage keeps its sign; 'none' leaves GAE's values as they are",
+    )
     loss_agg_mode: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     rollout_logprobs: Literal["auto", "reuse", "recompute"] = Field(
         "auto",

@@ -236,6 +236,20 @@ def test_masked_whiten():
     assert w[mask.bool()].var(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_masked_whiten_without_the_mean_shift_keeps_every_sign():
+    # All-positive advantages (every response solved, lambda < 1): whitening would make
+    # the smallest of them negative; scaling only must not.
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(4, 6, generator=gen) + 0.01
+    mask = right_padded_mask([6, 2, 4, 1], 6)
+    s = ppo.masked_whiten(x, mask, shift_mean=False)
+    valid = x[mask.bool()]
+    torch.testing.assert_close(s[mask.bool()], valid / valid.std(unbiased=False), atol=1e-5, rtol=1e-5)
+    assert torch.all(s[mask.bool()] > 0)
+    assert torch.all(s[mask == 0] == 0)
+    assert (ppo.masked_whiten(x, mask)[mask.bool()] < 0).any()
+
+
 def test_explained_variance():
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     returns = torch.tensor([[1.0, 2.0, 3.0, 50.0]])  # the padded 50 must be ignored

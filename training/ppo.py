@@ -25,10 +25,11 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean((x - mean) ** 2, mask)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit variance over the valid tokens of the whole batch."""
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, shift_mean: bool = True) -> torch.Tensor:
+    """Unit variance over the valid tokens of the whole batch; zero mean too when ``shift_mean``."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
-    return ((x - mean) * torch.rsqrt(var + eps)) * mask
+    centred = x - mean if shift_mean else x
+    return (centred * torch.rsqrt(var + eps)) * mask
 
 
 def response_mask(response_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:

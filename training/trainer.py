@@ -354,8 +354,8 @@ class PPOTrainer:
         cfg, mask = self.cfg, batch.response_mask
         rewards, kl = ppo.token_rewards(batch.scores, batch.logprobs, batch.ref_logprobs, mask, cfg.kl_coef)
         advantages, returns = ppo.gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = ppo.masked_whiten(advantages, mask)
+        if cfg.advantage_norm != "none":
+            advantages = ppo.masked_whiten(advantages, mask, shift_mean=cfg.advantage_norm == "whiten")
 
         lengths = mask.sum(1)
         correct = batch.correct
