@@ -422,13 +422,21 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# Keys that older configs may still carry, and what replaced them.
+_RENAMED = {
+    "whiten_advantages": "advantage_norm: 'whiten' for true, 'none' for false (or 'scale': divide by the std only)",
+}
+
+
 def _describe(exc: ValidationError, prefix: str = "") -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if prefix:
             loc = f"{prefix}.{loc}" if loc else prefix
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and str(err["loc"][-1]) in _RENAMED:
+            parts.append(f"key '{loc}' was replaced; use {_RENAMED[str(err['loc'][-1])]}")
+        elif err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}' (check the spelling against configs/demo.yaml)")
         else:
             got = err.get("input")
