@@ -434,8 +434,9 @@ def _describe(exc: ValidationError, prefix: str = "") -> str:
         loc = ".".join(str(p) for p in err["loc"])
         if prefix:
             loc = f"{prefix}.{loc}" if loc else prefix
-        if err["type"] == "extra_forbidden" and str(err["loc"][-1]) in _RENAMED:
-            parts.append(f"key '{loc}' was replaced; use {_RENAMED[str(err['loc'][-1])]}")
+        key = str(err["loc"][-1]) if err["loc"] else ""
+        if err["type"] == "extra_forbidden" and key in _RENAMED:
+            parts.append(f"key '{loc}' was replaced; use {_RENAMED[key]}")
         elif err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}' (check the spelling against configs/demo.yaml)")
         else:
