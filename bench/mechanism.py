@@ -38,15 +38,15 @@ PROBLEMS = generate_problems(8, seed=11, min_level=2, max_level=3)
 MAX_NEW = 48
 
 
-def tiny_random_model(out: Path, seed: int = 0) -> Path:
-    """A random-init 1-layer Qwen2 with the project's own tokenizer (chat template included)."""
+def tiny_random_model(out: Path, seed: int = 0, num_layers: int = 1) -> Path:
+    """A random-init Qwen2 (1 layer unless asked) with the project's own tokenizer (chat template included)."""
     rng = random.Random(seed)
     corpus = [p.prompt + "\n" + PromptConfig().instruction + "\n" + reasoning_trace(p.prompt, rng)
               for p in generate_problems(200, seed=seed, min_level=1, max_level=4, distinct=False)]
     tok = build_tokenizer(corpus, 300)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1,
         intermediate_size=64, max_position_embeddings=512, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, bos_token_id=None,
     ))

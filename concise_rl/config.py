@@ -203,6 +203,14 @@ class PPOConfig(_Strict):
         "variance (OpenRLHF, the paper's code); 'scale' divides by the standard deviation only, so every "
         "advantage keeps its sign; 'none' leaves GAE's values as they are",
     )
+    actor_trainable_layers: int | None = Field(
+        None,
+        ge=1,
+        description="train only the policy's top N decoder layers, its final norm and (when not tied to "
+        "the embeddings) its output head; the embeddings and lower layers stay frozen. None trains every "
+        "weight, as the paper did. Phase 2 fits a handful of problems, and on a small model updating every "
+        "layer overwrites skills that other problems need (BENCHMARKS.md)",
+    )
     loss_agg_mode: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     rollout_logprobs: Literal["auto", "reuse", "recompute"] = Field(
         "auto",

@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
+from bench.mechanism import tiny_random_model
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.errors import DiskFullError
 from concise_rl.synthetic import generate_problems
+from training.models import freeze_all_but_top_layers
 from training.trainer import PPOTrainer
 
 PROBLEMS = generate_problems(6, seed=5, min_level=2, max_level=3)
@@ -133,6 +136,25 @@ def test_token_budget_changes_padding_not_the_update(tiny_model_dir: Path, tmp_p
         finals[name] = load_file(str(trainer.train() / "model.safetensors"))
     for key, value in finals["whole"].items():
         torch.testing.assert_close(finals["split"][key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_actor_trainable_layers_updates_only_the_top_layers_and_head(tmp_path: Path) -> None:
+    model_dir = tiny_random_model(tmp_path / "model", num_layers=2)
+    before = load_file(str(model_dir / "model.safetensors"))
+    trainer = make_trainer(model_dir, tmp_path / "run", steps=1, actor_trainable_layers=1)
+    after = load_file(str(trainer.train() / "model.safetensors"))
+    changed = {key for key, value in after.items() if not torch.equal(value, before[key])}
+    # The tiny model's output head is not tied to its embeddings, so it trains with the top layer.
+    assert any(key.startswith("model.layers.1.") for key in changed)
+    assert "lm_head.weight" in changed
+    assert all(key.startswith(("model.layers.1.", "model.norm.", "lm_head.")) for key in changed), changed
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+
+
+def test_more_trainable_layers_than_the_model_has_is_refused(tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_model(tmp_path / "model", num_layers=2))
+    with pytest.raises(ValueError, match=r"ppo.actor_trainable_layers is 3 but the model has 2 decoder layers"):
+        freeze_all_but_top_layers(model, 3)
 
 
 # ----------------------------------------------------------------------------- a full disk

@@ -29,7 +29,7 @@ from trl import GRPOConfig, GRPOTrainer
 from concise_rl.ablation import GRPO_LOSS_TYPES
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig, stable_hash
 from concise_rl.problems import Problem, problems_hash
-from training.models import format_prompt, load_tokenizer
+from training.models import format_prompt, freeze_all_but_top_layers, load_tokenizer
 from training.reward import score_responses
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,9 @@ class GRPORun:
             callbacks=[_RLStepLog(self), *callbacks],
         )
         trainer.remove_callback(PrinterCallback)  # our callback reports each step instead
+        if self.cfg.actor_trainable_layers is not None:
+            # Before train(): TRL builds the optimiser there, from the weights that still need grads.
+            freeze_all_but_top_layers(trainer.model, self.cfg.actor_trainable_layers)
         return trainer
 
     def finished(self) -> Path | None:

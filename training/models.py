@@ -88,6 +88,45 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, prompt
     return tokenizer
 
 
+def freeze_all_but_top_layers(model: nn.Module, n: int) -> int:
+    """Leave only the top ``n`` decoder layers, the final norm and an untied output head trainable.
+
+    Returns how many weights stay trainable. The layers are the decoder's ``layers`` list, which
+    Qwen2, Llama and Mistral models all have; tied output heads are the input embeddings and
+    stay frozen with them.
+    """
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"{type(model).__name__} has no list of decoder layers; ppo.actor_trainable_layers needs a "
+            "Qwen2/Llama/Mistral-style model, or leave it unset to train every weight"
+        )
+    if n > len(layers):
+        raise ValueError(
+            f"ppo.actor_trainable_layers is {n} but the model has {len(layers)} decoder layers; "
+            f"use at most {len(layers)}, or leave it unset to train every weight"
+        )
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - n :]:
+        layer.requires_grad_(True)
+    norm = getattr(decoder, "norm", None)
+    if isinstance(norm, nn.Module):
+        norm.requires_grad_(True)
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embeddings.weight:
+        head.requires_grad_(True)
+    # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing.
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
+        # Checkpointed blocks recompute from their inputs; with the embeddings frozen those inputs
+        # carry no grad, and the frozen-input path would drop the top layers' gradients.
+        model.enable_input_require_grads()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def load_policy(name_or_path: str, cfg: ModelConfig, device: torch.device | str = "cpu"):
     check_model_path(name_or_path)
     with _no_remote_code(name_or_path):

@@ -44,7 +44,7 @@ from concise_rl.problems import Problem, problems_hash
 from evaluation.grader import Grade
 from training import guards, ppo
 from training.generation import Generation, check_prompt_lengths, generate
-from training.models import Critic, format_prompt, load_policy, load_tokenizer
+from training.models import Critic, format_prompt, freeze_all_but_top_layers, load_policy, load_tokenizer
 from training.reward import score_responses
 
 log = logging.getLogger(__name__)
@@ -202,11 +202,14 @@ class PPOTrainer:
         if self._zero is not None:
             self._configure_deepspeed()
         policy = load_policy(self.policy_path, self.model_cfg)
+        if self.cfg.actor_trainable_layers is not None:
+            trainable = freeze_all_but_top_layers(policy, self.cfg.actor_trainable_layers)
+            log.info("actor trains its top %d decoder layers: %d weights", self.cfg.actor_trainable_layers, trainable)
         critic = Critic.from_policy(self.policy_path, self.model_cfg)
         self.ref = load_policy(self.policy_path, self.model_cfg, device=acc.device).eval().requires_grad_(False)
         betas = tuple(self.cfg.adam_betas)
         opt_actor = torch.optim.AdamW(
-            policy.parameters(), lr=self.cfg.actor_lr, betas=betas, weight_decay=self.cfg.weight_decay
+            [p for p in policy.parameters() if p.requires_grad], lr=self.cfg.actor_lr, betas=betas, weight_decay=self.cfg.weight_decay
         )
         opt_critic = torch.optim.AdamW(
             critic.parameters(), lr=self.cfg.critic_lr, betas=betas, weight_decay=self.cfg.weight_decay
