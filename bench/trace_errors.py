@@ -3,16 +3,17 @@
 The built-in task (concise_rl/synthetic.py) has a trace whose every step can be
 checked against the question: "B *8: 2*8=16->6." copies step B's operation from
 the question, carries the last result, multiplies and keeps the last digit. A
-verbose trace does the chain once, then again after "Again from". This script
+trace does the chain once and boxes the answer; a verbose one then re-checks the
+steps after "Let me check each step." This script
 reads the ``responses.jsonl`` of ``concise-rl evaluate`` (or of the demo's
 evaluation), rebuilds the questions from the config's evaluation sets, and for one
 set and temperature reports per model:
 
-- how many first passes (the text before "Again from") are exact, and the kind of
+- how many first passes (the text before the re-check) are exact, and the kind of
   the first wrong step where one is not: ``copy`` (another step's operation),
   ``carry`` (not the previous result), ``calc``, ``digit`` (the last digit), or
   ``missing`` (the pass stops before the last step);
-- how many responses have no second pass;
+- how many responses have no re-check (the second pass);
 - against a base evaluation: the problems the model gets right that the base got
   wrong and the reverse, with the error kinds of the losing side's two passes.
 
@@ -33,9 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from concise_rl.config import load_config
-from concise_rl.synthetic import _SYMBOLS, Step, _parse_question
+from concise_rl.synthetic import _SYMBOLS, RECHECK, Step, _parse_question
 
-REDO = "Again from"
 # "B *8: 2*8=16->6." as the trace writes a step (its letter and operation, then the work).
 STEP = re.compile(r"([A-Z]) ([-+*])(\d+): (-?\d+)([-+*])(\d+)=(-?\d+)->(-?\d+)\.")
 
@@ -65,9 +65,9 @@ def check_pass(text: str, steps: list[Step]) -> StepError | None:
 
 
 def split_passes(response: str) -> tuple[str, str | None]:
-    """The first pass and the redo (None when the response has none)."""
-    first, sep, rest = response.partition(REDO)
-    return first, (rest.split(":", 1)[-1] if sep else None)
+    """The first pass and the re-check (None when the response has none)."""
+    first, sep, rest = response.partition(RECHECK)
+    return first, (rest if sep else None)
 
 
 def load_responses(path: Path, set_name: str, temperature: float) -> dict[str, dict]:
@@ -98,13 +98,13 @@ def _kind(text: str | None, steps: list[Step]) -> str:
 
 def summarise(rows: dict[str, dict], questions: dict[str, list[Step]]) -> dict:
     first_kinds: Counter[str] = Counter()
-    no_redo = 0
+    no_recheck = 0
     for pid, r in rows.items():
         first, second = split_passes(r["response"])
         first_kinds[_kind(first, questions[pid])] += 1
-        no_redo += second is None
+        no_recheck += second is None
     return {"responses": len(rows), "correct": sum(bool(r["correct"]) for r in rows.values()),
-            "first_pass": dict(sorted(first_kinds.items())), "no_second_pass": no_redo}
+            "first_pass": dict(sorted(first_kinds.items())), "no_second_pass": no_recheck}
 
 
 def pass_kinds(response: str, steps: list[Step]) -> str:

@@ -12,11 +12,17 @@ level is the number of steps, and every step is another chance to slip, so
 difficulty is graded: short chains are solved almost always and long ones only
 sometimes, which gives curation a spread of pass rates.
 
-Chain-of-thought traces carry a random amount of redundant re-checking: the same
-model that answers correctly in a few steps has also learned to re-verify steps
-("Check: 2*8=16->6.") and to redo the whole chain from the start. That makes the
-trained base a *verbose reasoner*, the analogue of R1-Distill, whose length RL can
-then reduce without any length term in the reward.
+Chain-of-thought traces carry a random amount of redundant re-checking: once the
+chain is done and the answer boxed, a verbose trace goes back over the steps
+("Let me check each step. Check B *8: 2*8=16->6. ... All steps check out.").
+That makes the trained base a *verbose reasoner*, the analogue of R1-Distill's
+"wait, let me double-check", whose length RL can then reduce without any length
+term in the reward. The re-check comes after the boxed answer and boxes nothing, so
+it neither fixes nor causes a wrong answer: accuracy lives in the first pass, where
+RL on hard problems can improve it directly, and the re-check is pure length.
+(An earlier design redid the whole chain *before* the answer; the redo copied the
+first pass's slips and added its own, so accuracy-seeking RL in phase 1 dropped it,
+doing phase 2's work: BENCHMARKS.md, "Twelve more phase-1 runs".)
 """
 
 from __future__ import annotations
@@ -31,15 +37,19 @@ from concise_rl.problems import Problem
 _SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
 _OPS_OF_SYMBOL = {v: k for k, v in _SYMBOLS.items()}
 HELDOUT_FRACTION = 0.2
-# How often reasoning_trace picks verbosity 0, 1, 2, 3 when none is given.
-VERBOSITY_WEIGHTS = (1, 1, 3, 4)
-# Chance that a step is re-checked, by verbosity.
-CHECK_PROBABILITY = (0.0, 0.6, 0.8, 0.8)
-# Verbosity 2 and up also redo the whole chain from the start, which about doubles
-# the answer: 7 traces in 9 do, and a level-8 trace then needs up to ~330 tokens
-# (the demo's budget is 384). The base is a verbose reasoner because verbose traces
-# are the common case; the 1 in 9 without any re-checking is what RL can find.
-REDO_MIN_VERBOSITY = 2
+# How often reasoning_trace picks verbosity 0 (answer only), 1 (re-check the first
+# few steps) and 2 (re-check every step) when none is given. 1 trace in 9 has no
+# re-check at all: that is what RL can find; the rest make even greedy decoding
+# verbose, and a level-8 trace with every step re-checked needs about 260 tokens
+# (the demo's budget is 384).
+VERBOSITY_WEIGHTS = (1, 2, 6)
+RECHECK = "Let me check each step."
+# How a re-check ends. It restates no answer: a trace's only boxed answer is the
+# first pass's, so a slip made while re-checking cannot change it. (A version whose
+# re-check ended by boxing the answer again copied the last re-checked step into
+# it: the base's first pass was right 99.7% of the time on 7-8 steps and its final
+# answer 76%, and RL in both phases then just dropped the re-check.)
+RECHECK_END = "All steps check out."
 
 
 @dataclass(frozen=True)
@@ -155,32 +165,31 @@ def generate_problems(
 
 
 def reasoning_trace(question: str, rng: random.Random, verbosity: int | None = None) -> str:
-    """A correct chain-of-thought answer to `question` with `verbosity` (0-3) re-checks.
+    """A correct chain-of-thought answer to `question`, re-checked after the answer by `verbosity` (0-2).
 
     Each step starts with its letter and operation exactly as the question lists them
     ("B *8: 2*8=16->6."), so the next operation is found by matching one unique
     letter token in the question and copying what follows it; the work left is the
-    arithmetic. The letter after the last step says "stop". verbosity 0 states each
-    step once; higher values re-check steps more often, and from 2 on also redo the
-    chain from the start, so trace length varies about 2x at equal accuracy.
+    arithmetic. The letter after the last step says "stop", and the answer is boxed.
+    verbosity 0 stops there; 1 then re-checks the first k steps (k drawn from 1 to
+    the number of steps) and 2 every step, each re-check a point where the trace
+    could stop instead, and both end by saying that every step checks out. So the
+    trace length varies about 2x at equal accuracy.
     """
     steps = _parse_question(question)
     if verbosity is None:
-        # Weighted towards re-checking, so that re-checking a step is the most likely
-        # continuation and even greedy decoding stays verbose.
-        verbosity = rng.choices(range(4), weights=VERBOSITY_WEIGHTS)[0]
-    stop = f"{LETTERS[len(steps)]} stop."
+        verbosity = rng.choices(range(len(VERBOSITY_WEIGHTS)), weights=VERBOSITY_WEIGHTS)[0]
+    if not 0 <= verbosity < len(VERBOSITY_WEIGHTS):
+        raise ValueError(f"verbosity must be 0-{len(VERBOSITY_WEIGHTS) - 1}, got {verbosity}")
+    answer = f"So the answer is \\boxed{{{steps[-1].result}}}."
     lines = [f"Start with {steps[0].left}."]
-    for i, step in enumerate(steps):
-        lines.append(_line(LETTERS[i], step))
-        if rng.random() < CHECK_PROBABILITY[verbosity]:
-            lines.append(f"Check: {step.text()}.")
-    lines.append(stop)
-    if verbosity >= REDO_MIN_VERBOSITY:
-        lines.append(f"Again from {steps[0].left}:")
-        lines += [_line(LETTERS[i], step) for i, step in enumerate(steps)]
-        lines.append(stop)
-    lines.append(f"So the answer is \\boxed{{{steps[-1].result}}}.")
+    lines += [_line(LETTERS[i], step) for i, step in enumerate(steps)]
+    lines += [f"{LETTERS[len(steps)]} stop.", answer]
+    if verbosity > 0:
+        checked = len(steps) if verbosity == 2 else rng.randint(1, len(steps))
+        lines.append(RECHECK)
+        lines += [f"Check {_line(LETTERS[i], steps[i])}" for i in range(checked)]
+        lines.append(RECHECK_END)
     return " ".join(lines)
 
 
