@@ -236,8 +236,10 @@ def test_ppo_for_merges_the_phase_override():
     # Everything else comes from the shared section.
     assert p2.lam == cfg.ppo.lam == 1.0
     assert p2.actor_lr == cfg.ppo.actor_lr == 2.0e-5
-    # Phase 1 has no override; the shared section is untouched.
-    assert p1 == cfg.ppo
+    # Phase 1 keeps the demo file's own override (actor_lr) and nothing else changes;
+    # the shared section is untouched.
+    assert p1.actor_lr == 5.0e-5
+    assert p1 == cfg.ppo.model_copy(update={"actor_lr": 5.0e-5})
     assert cfg.ppo.steps != 5 and cfg.ppo.kl_coef == 0.01
 
 

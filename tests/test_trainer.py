@@ -134,8 +134,12 @@ def test_token_budget_changes_padding_not_the_update(tiny_model_dir: Path, tmp_p
     for name, extra in {"whole": {}, "split": {"micro_batch_tokens": 30}}.items():
         trainer = make_trainer(tiny_model_dir, tmp_path / name, steps=1, mini_batch_size=4, micro_batch_size=4, **extra)
         finals[name] = load_file(str(trainer.train() / "model.safetensors"))
+    # Summing micro-batches in another grouping changes gradients only by rounding, but
+    # Adam divides each one by its own running scale, so a weight whose gradient is
+    # near zero can move by ~1e-6 either way; a dropped or doubled sample would move
+    # weights by about the lr (1e-3).
     for key, value in finals["whole"].items():
-        torch.testing.assert_close(finals["split"][key], value, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(finals["split"][key], value, atol=1e-5, rtol=1e-5)
 
 
 def test_actor_trainable_layers_updates_only_the_top_layers_and_head(tmp_path: Path) -> None:
