@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from concise_rl import paths
 from concise_rl.config import ModelConfig, PromptConfig, stable_hash
-from concise_rl.errors import ModelLoadError
+from concise_rl.errors import ConfigError, ModelLoadError
 
 EMBEDDED_PREFIX = "embedded:"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,17 +93,18 @@ def freeze_all_but_top_layers(model: nn.Module, n: int) -> int:
 
     Returns how many weights stay trainable. The layers are the decoder's ``layers`` list, which
     Qwen2, Llama and Mistral models all have; tied output heads are the input embeddings and
-    stay frozen with them.
+    stay frozen with them. A model without such layers, or with fewer than ``n``, is a
+    ConfigError, which the CLI reports in one line as bad input.
     """
     decoder = model.get_decoder()
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no list of decoder layers; ppo.actor_trainable_layers needs a "
             "Qwen2/Llama/Mistral-style model, or leave it unset to train every weight"
         )
     if n > len(layers):
-        raise ValueError(
+        raise ConfigError(
             f"ppo.actor_trainable_layers is {n} but the model has {len(layers)} decoder layers; "
             f"use at most {len(layers)}, or leave it unset to train every weight"
         )
