@@ -189,7 +189,13 @@ class PPOConfig(_Strict):
         description="also cap a micro-batch at this many padded tokens (rows x their longest prompt + response): "
         "rows are grouped by length, so short responses are not padded to the longest of the mini-batch",
     )
-    temperature: float = Field(0.6, gt=0.0)
+    temperature: float = Field(0.6, gt=0.0, description="sampling temperature of the rollouts")
+    logprob_temperature: float | None = Field(
+        None, gt=0.0,
+        description="temperature the old, reference and new log-probs are scored at; null (the default): the "
+        "sampling temperature, so the importance ratio is against the distribution the rollouts came from. "
+        "1.0 reproduces the paper's code, which sampled at 0.6 (vLLM) but scored raw logits",
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, gt=0)
     gamma: float = Field(1.0, ge=0.0, le=1.0)

@@ -29,14 +29,14 @@ LOGGED = {
 }
 
 
-def make_trainer(model_dir: Path, out: Path, on_step=None, **overrides) -> PPOTrainer:
+def make_trainer(model_dir: Path, out: Path, on_step=None, model_cfg: ModelConfig | None = None, **overrides) -> PPOTrainer:
     settings = {
         "steps": 3, "prompts_per_step": 2, "samples_per_prompt": 2, "mini_batch_size": 2, "micro_batch_size": 1,
         "max_new_tokens": 16, "actor_lr": 1e-3, "critic_lr": 1e-3, "warmup_ratio": 0.0, "checkpoint_every": 1,
     }
     cfg = PPOConfig(**(settings | overrides))
     return PPOTrainer(
-        policy_path=str(model_dir), problems=PROBLEMS, out_dir=out, ppo_cfg=cfg, model_cfg=ModelConfig(),
+        policy_path=str(model_dir), problems=PROBLEMS, out_dir=out, ppo_cfg=cfg, model_cfg=model_cfg or ModelConfig(),
         prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), on_step=on_step, keep_checkpoints=2,
     )
 
@@ -45,9 +45,14 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path, dtype: str) -> None:
+    """bfloat16 too: its checkpoints keep the float32 master weights, so a resumed run ends where
+    an uninterrupted one does (the final policy, in bf16, bit for bit)."""
+    model_cfg = ModelConfig(dtype=dtype)
     logged: list[tuple[int, dict]] = []
-    straight = make_trainer(tiny_model_dir, tmp_path / "straight", on_step=lambda s, m: logged.append((s, m)))
+    straight = make_trainer(tiny_model_dir, tmp_path / "straight", on_step=lambda s, m: logged.append((s, m)),
+                            model_cfg=model_cfg)
     final_straight = straight.train()
 
     assert [s for s, _ in logged] == [1, 2, 3]
@@ -59,10 +64,10 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir: Path, tmp_
             raise Crash
 
     with pytest.raises(Crash):
-        make_trainer(tiny_model_dir, tmp_path / "resumed", on_step=crash_at_3).train()
+        make_trainer(tiny_model_dir, tmp_path / "resumed", on_step=crash_at_3, model_cfg=model_cfg).train()
     ckpts = tmp_path / "resumed" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-000002"
-    final_resumed = make_trainer(tiny_model_dir, tmp_path / "resumed").train()
+    final_resumed = make_trainer(tiny_model_dir, tmp_path / "resumed", model_cfg=model_cfg).train()
 
     a = load_file(str(final_straight / "model.safetensors"))
     b = load_file(str(final_resumed / "model.safetensors"))
@@ -70,7 +75,8 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir: Path, tmp_
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
-    assert any(not torch.equal(before[k], a[k]) for k in a), "PPO changed no weight"
+    assert a["model.norm.weight"].dtype == getattr(torch, dtype), "the final policy is saved in model.dtype"
+    assert any(not torch.equal(before[k].to(a[k].dtype), a[k]) for k in a), "PPO changed no weight"
     rows = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000002", "step-000003"], "older pruned"

@@ -30,6 +30,7 @@ from concise_rl.ablation import GRPO_LOSS_TYPES
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig, stable_hash
 from concise_rl.problems import Problem, problems_hash
 from training.models import format_prompt, freeze_all_but_top_layers, load_tokenizer
+from training.precision import training_precision
 from training.reward import score_responses
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def grpo_args(ppo_cfg: PPOConfig, out_dir: Path, *, loss_type: str, model_cfg: M
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"GRPO loss_type {loss_type!r} is not one of {', '.join(GRPO_LOSS_TYPES)}")
+    precision = training_precision(model_cfg.dtype, "no", deepspeed=False)
     rollouts = ppo_cfg.prompts_per_step * ppo_cfg.samples_per_prompt
     return GRPOConfig(
         output_dir=str(out_dir),
@@ -99,12 +101,13 @@ def grpo_args(ppo_cfg: PPOConfig, out_dir: Path, *, loss_type: str, model_cfg: M
         weight_decay=ppo_cfg.weight_decay,
         max_grad_norm=ppo_cfg.max_grad_norm,
         seed=ppo_cfg.seed,
-        # TRL defaults to bf16 autocast and gradient checkpointing; our PPO uses neither
-        # unless the model config asks for them, so GRPO must not either.
-        bf16=False,
+        # As our PPO (training/precision.py): float32 weights and optimizer states, forwards under
+        # autocast in model.dtype (TRL's bf16 flag), and gradient checkpointing only when the model
+        # config asks (TRL defaults to bf16 autocast and checkpointing whatever the model is).
+        bf16=precision.mixed,
         fp16=False,
         gradient_checkpointing=model_cfg.gradient_checkpointing,
-        model_init_kwargs={"dtype": model_cfg.dtype},
+        model_init_kwargs={"dtype": "float32"},
         trust_remote_code=model_cfg.trust_remote_code,
         use_cpu=use_cpu,
         use_vllm=False,

@@ -20,9 +20,9 @@ from transformers.utils import logging as hf_logging
 from concise_rl import paths
 from concise_rl.config import ModelConfig, PromptConfig, stable_hash
 from concise_rl.errors import ConfigError, ModelLoadError
+from training.precision import DTYPES
 
 EMBEDDED_PREFIX = "embedded:"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _embedded_code_hash() -> str:
@@ -128,11 +128,14 @@ def freeze_all_but_top_layers(model: nn.Module, n: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def load_policy(name_or_path: str, cfg: ModelConfig, device: torch.device | str = "cpu"):
+def load_policy(
+    name_or_path: str, cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+):
+    """The causal LM in ``dtype`` (default ``model.dtype``; training passes float32 for its master weights)."""
     check_model_path(name_or_path)
     with _no_remote_code(name_or_path):
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+            name_or_path, dtype=dtype or DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
         )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -152,16 +155,20 @@ class Critic(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     @classmethod
-    def from_policy(cls, name_or_path: str, cfg: ModelConfig, device: torch.device | str = "cpu") -> Critic:
-        """Initialise the critic from the policy's weights, as the paper's code does."""
+    def from_policy(
+        cls, name_or_path: str, cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> Critic:
+        """Initialise the critic from the policy's weights, as the paper's code does, in ``dtype`` (default
+        ``model.dtype``)."""
         check_model_path(name_or_path)
+        dtype = dtype or DTYPES[cfg.dtype]
         # Loading the body alone leaves the LM head unused; that is the point, not a warning.
         previous = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
             with _no_remote_code(name_or_path):
                 backbone = AutoModel.from_pretrained(
-                    name_or_path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+                    name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
                 )
         finally:
             hf_logging.set_verbosity(previous)
@@ -172,7 +179,7 @@ class Critic(nn.Module):
             # The body is sharded already (see load_policy), in DeepSpeed's precision: the head joins it.
             critic.value_head.to(dtype=next(backbone.parameters()).dtype)
             return critic
-        return critic.to(device=device, dtype=_DTYPES[cfg.dtype])
+        return critic.to(device=device, dtype=dtype)
 
     def forward(self, input_ids, attention_mask, position_ids):  # -> [batch, seq]
         out = self.backbone(

@@ -45,6 +45,7 @@ from evaluation.grader import Grade
 from training import guards, ppo
 from training.generation import Generation, check_prompt_lengths, generate
 from training.models import Critic, format_prompt, freeze_all_but_top_layers, load_policy, load_tokenizer
+from training.precision import training_precision
 from training.reward import score_responses
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,8 @@ def policy_forward(model, input_ids, attention_mask, response_len: int, temperat
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
     ).logits
-    # Logits at position i predict token i+1; temperature matches the sampling distribution.
-    logits = logits[:, -response_len - 1 : -1] / temperature  # [batch, response_len, vocab]
+    # Logits at position i predict token i+1. Divided in float32: bf16 logits (autocast) keep 8 bits.
+    logits = logits[:, -response_len - 1 : -1].float() / temperature  # [batch, response_len, vocab]
     return ppo.logprobs_from_logits(logits, tokens), logits
 
 
@@ -161,6 +162,14 @@ class PPOTrainer:
         self.accelerator = accelerator or Accelerator()
         self.world = self.accelerator.num_processes
         self._check_divides_across_processes()
+        self._zero = zero_stage(self.accelerator)
+        # float32 master weights and optimizer states whatever model.dtype says (training/precision.py).
+        self.precision = training_precision(
+            model_cfg.dtype, self.accelerator.mixed_precision, deepspeed=self._zero is not None
+        )
+        # The temperature log-probs are scored at: the sampling one (a consistent importance ratio), or
+        # ppo.logprob_temperature (the paper's code scored at T = 1 while sampling at 0.6).
+        self.logprob_temperature = ppo_cfg.logprob_temperature or ppo_cfg.temperature
         # What makes a checkpoint resumable by this run: same start, data and settings. The start
         # is ``start_key`` where given (the pipeline passes the registry URI, models:/NAME/N, which
         # stays the same when the version's files are downloaded to another folder), else the path.
@@ -197,16 +206,23 @@ class PPOTrainer:
     # ----------------------------------------------------------------- setup
     def _build(self) -> None:
         acc = self.accelerator
-        self._zero = zero_stage(acc)
         self._seed_everything(self.cfg.seed)
         if self._zero is not None:
             self._configure_deepspeed()
-        policy = load_policy(self.policy_path, self.model_cfg)
+        dtype = self.precision.load
+        policy = load_policy(self.policy_path, self.model_cfg, dtype=dtype)
         if self.cfg.actor_trainable_layers is not None:
             trainable = freeze_all_but_top_layers(policy, self.cfg.actor_trainable_layers)
             log.info("actor trains its top %d decoder layers: %d weights", self.cfg.actor_trainable_layers, trainable)
-        critic = Critic.from_policy(self.policy_path, self.model_cfg)
-        self.ref = load_policy(self.policy_path, self.model_cfg, device=acc.device).eval().requires_grad_(False)
+        critic = Critic.from_policy(self.policy_path, self.model_cfg, dtype=dtype)
+        # The reference computes as the policy does (same weights, same autocast), so the KL starts at 0.
+        self.ref = load_policy(self.policy_path, self.model_cfg, device=acc.device, dtype=dtype)
+        self.ref.eval().requires_grad_(False)
+        # Rollouts sample from a model.dtype copy of the float32 policy, refreshed before each one.
+        self._sampler = None
+        if self.precision.sampling_copy:
+            self._sampler = load_policy(self.policy_path, self.model_cfg, device=acc.device)
+            self._sampler.eval().requires_grad_(False)
         betas = tuple(self.cfg.adam_betas)
         opt_actor = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad], lr=self.cfg.actor_lr, betas=betas, weight_decay=self.cfg.weight_decay
@@ -284,14 +300,27 @@ class PPOTrainer:
     # ----------------------------------------------------------------- rollout
     @contextlib.contextmanager
     def _generation_model(self) -> Iterator[torch.nn.Module]:
-        """The policy as a plain Hugging Face model to sample from (ZeRO-3: its parameters gathered)."""
+        """The policy as a plain Hugging Face model to sample from (ZeRO-3: its parameters gathered;
+        mixed precision without DeepSpeed: the model.dtype copy, brought up to date)."""
         if self._zero == 3:
             from trl.models.utils import unwrap_model_for_generation
 
             with unwrap_model_for_generation(self.policy, self.accelerator) as model:
                 yield model
+        elif self._sampler is not None:
+            self._sync_sampler()
+            yield self._sampler
         else:
             yield self.accelerator.unwrap_model(self.policy)
+
+    @torch.no_grad()
+    def _sync_sampler(self) -> None:
+        """Copy the float32 policy into the sampling copy, rounding to its dtype."""
+        master = self.accelerator.unwrap_model(self.policy).named_parameters()
+        for (name, dst), (master_name, src) in zip(self._sampler.named_parameters(), master, strict=True):
+            if name != master_name:
+                raise RuntimeError(f"sampling copy and policy disagree on their weights ({name} vs {master_name})")
+            dst.copy_(src)
 
     @torch.no_grad()
     def _rollout(self, step: int) -> tuple[Rollout, dict[str, float]]:
@@ -327,13 +356,14 @@ class PPOTrainer:
             ids = input_ids[s : s + cfg.micro_batch_size].to(acc.device)
             am = attention_mask[s : s + cfg.micro_batch_size].to(acc.device)
             tok = response_ids[s : s + cfg.micro_batch_size].to(acc.device)
-            if not reuse:
-                lp, logits = policy_forward(self.policy, ids, am, width, cfg.temperature, tok)
-                logprobs.append(lp.cpu())
-                entropy.append(ppo.entropy_from_logits(logits).cpu())
-            rlp, _ = policy_forward(self.ref, ids, am, width, cfg.temperature, tok)
-            ref_logprobs.append(rlp.cpu())
-            values.append(critic_forward(self.critic, ids, am, width).cpu())
+            with self.precision.autocast(acc.device):
+                if not reuse:
+                    lp, logits = policy_forward(self.policy, ids, am, width, self.logprob_temperature, tok)
+                    logprobs.append(lp.cpu())
+                    entropy.append(ppo.entropy_from_logits(logits).cpu())
+                rlp, _ = policy_forward(self.ref, ids, am, width, self.logprob_temperature, tok)
+                ref_logprobs.append(rlp.cpu())
+                values.append(critic_forward(self.critic, ids, am, width).cpu())
         if reuse:
             logprobs, entropy = gen.logprobs[:, :width] * mask, gen.entropy[:, :width]
         else:
@@ -412,9 +442,18 @@ class PPOTrainer:
                     "'auto' or 'kv', on a Qwen2/Llama/Mistral model); set ppo.rollout_logprobs to 'auto' or 'recompute'"
                 )
             return False
+        if self.logprob_temperature != self.cfg.temperature:
+            if self.cfg.rollout_logprobs == "reuse":
+                raise ValueError(
+                    f"ppo.rollout_logprobs='reuse' takes the log-probs the sampler drew at ppo.temperature="
+                    f"{self.cfg.temperature}, but ppo.logprob_temperature={self.logprob_temperature} asks for others; "
+                    "set ppo.rollout_logprobs to 'auto' or 'recompute'"
+                )
+            return False
         if self.cfg.rollout_logprobs == "auto":
-            # Mixed precision (autocast, or DeepSpeed's bf16 weights) changes the training forward.
-            return self.model_cfg.dtype == "float32" and self.accelerator.mixed_precision == "no"
+            # Mixed precision (the sampling copy and autocast, or DeepSpeed's bf16 weights) changes the
+            # training forward.
+            return not self.precision.mixed
         return self.cfg.rollout_logprobs == "reuse"
 
     # ----------------------------------------------------------------- update
@@ -451,8 +490,9 @@ class PPOTrainer:
                     mask = ro.response_mask[ub, :w].to(acc.device)
                     old_lp, adv = ro.logprobs[ub, :w].to(acc.device), ro.advantages[ub, :w].to(acc.device)
                     old_v, ret = ro.values[ub, :w].to(acc.device), ro.returns[ub, :w].to(acc.device)
-                    lp, _ = policy_forward(self.policy, ids, am, w, cfg.temperature, ids[:, -w:])
-                    v = critic_forward(self.critic, ids, am, w)
+                    with self.precision.autocast(acc.device):
+                        lp, _ = policy_forward(self.policy, ids, am, w, self.logprob_temperature, ids[:, -w:])
+                        v = critic_forward(self.critic, ids, am, w)
                     agg = {"num_seqs": len(mb), "num_tokens": num_tokens, "max_len": cfg.max_new_tokens}
                     pg_mat, clipped = ppo.policy_loss_matrix(lp, old_lp, adv, cfg.clip_range)
                     pg_loss = ppo.aggregate(pg_mat, mask, cfg.loss_agg_mode, **agg)
@@ -815,10 +855,24 @@ class PPOTrainer:
                 f"that disk (or point CONCISE_RL_HOME at a larger one) and run the same command again: it resumes "
                 f"from {latest.name}")
 
-    def _save_policy(self, out: Path, state: dict[str, torch.Tensor] | None) -> None:
-        """The policy in Hugging Face format; ``state``: its full weights where they are sharded (ZeRO-3)."""
+    def _save_policy(self, out: Path, state: dict[str, torch.Tensor] | None, *, final: bool = False) -> None:
+        """The policy in Hugging Face format; ``state``: its full weights where they are sharded (ZeRO-3).
+
+        Checkpoints keep the float32 master weights, so a resumed run continues exactly; the
+        ``final`` policy, which is registered and starts the next phase, is saved in model.dtype,
+        as the base model was.
+        """
         policy = self.accelerator.unwrap_model(self.policy)
-        if state is None:
+        dtype = self.precision.compute
+        if final and self.precision.sampling_copy:
+            state = cast_state_dict(policy.state_dict(), dtype)
+            policy.save_pretrained(out, state_dict=state, safe_serialization=True)
+            # save_pretrained records the in-memory model's dtype (float32); the files hold model.dtype.
+            config = json.loads((out / "config.json").read_text())
+            (out / "config.json").write_text(
+                json.dumps(config | {"dtype": str(dtype).removeprefix("torch.")}, indent=2, sort_keys=True)
+            )
+        elif state is None:
             policy.save_pretrained(out, safe_serialization=True)
         else:
             policy.save_pretrained(out, state_dict=state, safe_serialization=True)
@@ -883,7 +937,7 @@ class PPOTrainer:
             tmp = final.with_name("final.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             with self._writing("the final policy", tmp):
-                self._save_policy(tmp, state)
+                self._save_policy(tmp, state, final=True)
                 self.tokenizer.save_pretrained(tmp)
                 (tmp / "trainer_state.json").write_text(
                     json.dumps({"step": self.step, "run_key": self.run_key, "problems_hash": self.problems_hash})
@@ -892,6 +946,19 @@ class PPOTrainer:
             os.replace(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def cast_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state`` in ``dtype``, each tensor once: a weight tied to another (the output head to the
+    embeddings) is left out, as save_pretrained leaves it out of the files, and is tied again on load."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return out
 
 
 def free_bytes(path: Path) -> int | None:
