@@ -38,8 +38,9 @@ PROBLEMS = generate_problems(8, seed=11, min_level=2, max_level=3)
 MAX_NEW = 48
 
 
-def tiny_random_model(out: Path, seed: int = 0, num_layers: int = 1) -> Path:
-    """A random-init Qwen2 (1 layer unless asked) with the project's own tokenizer (chat template included)."""
+def tiny_random_model(out: Path, seed: int = 0, num_layers: int = 1, dtype: torch.dtype = torch.float32) -> Path:
+    """A random-init Qwen2 (1 layer unless asked) with the project's own tokenizer (chat template included),
+    its weights stored in ``dtype``."""
     rng = random.Random(seed)
     corpus = [p.prompt + "\n" + PromptConfig().instruction + "\n" + reasoning_trace(p.prompt, rng)
               for p in generate_problems(200, seed=seed, min_level=1, max_level=4, distinct=False)]
@@ -52,7 +53,7 @@ def tiny_random_model(out: Path, seed: int = 0, num_layers: int = 1) -> Path:
     ))
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
+    model.to(dtype).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 

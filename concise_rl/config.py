@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -57,6 +58,9 @@ class ModelConfig(_Strict):
     embedded: EmbeddedModelConfig = EmbeddedModelConfig()
 
 
+TEMPLATE_FIELDS = ("question", "instruction")
+
+
 class PromptConfig(_Strict):
     """How a problem becomes the text the model sees."""
 
@@ -67,7 +71,28 @@ class PromptConfig(_Strict):
         "qwen-math: the instruction is the system turn and the question the user turn (Qwen2.5-Math)",
     )
     use_chat_template: bool = True
+    template: str | None = Field(
+        None,
+        description="the text of the user turn, or of the whole prompt when use_chat_template is false, with "
+        "{question} and {instruction} filled in. null: the question, a newline and the instruction (style "
+        "qwen-math: the question alone, as the instruction is the system turn). The paper's R1 data has "
+        "'{question} {instruction}\\n'; its Qwen data is ChatML text written out, used without a chat template",
+    )
     max_prompt_tokens: int = Field(256, gt=0)
+
+    @model_validator(mode="after")
+    def _template_fields(self) -> PromptConfig:
+        if self.template is None:
+            return self
+        if "{question}" not in self.template:
+            raise ValueError(f"template {self.template!r} has no {{question}}; the problem must go somewhere")
+        unknown = sorted(set(re.findall(r"\{(\w+)\}", self.template)) - set(TEMPLATE_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"template {self.template!r} names {', '.join('{' + u + '}' for u in unknown)}; "
+                f"it can fill in only {{question}} and {{instruction}}"
+            )
+        return self
 
 
 class RewardConfig(_Strict):

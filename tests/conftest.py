@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.mechanism import tiny_random_model
 from concise_rl.config import PromptConfig
@@ -18,6 +19,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tiny_random_model(tmp_path_factory.mktemp("tiny-model"))
     assert format_prompt("x", load_tokenizer(str(out)), PromptConfig()).endswith("<|im_start|>assistant\n")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16_model_dir(tmp_path_factory) -> Path:
+    """The same tiny model with its weights stored in bfloat16, as real checkpoints (R1, Qwen) are."""
+    return tiny_random_model(tmp_path_factory.mktemp("tiny-model-bf16"), dtype=torch.bfloat16)
 
 
 @pytest.fixture(autouse=True)

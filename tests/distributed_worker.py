@@ -8,7 +8,12 @@ checks to ``--out``:
   prompts and the logged metrics; step 0's rollout (its own rows before and after
   the gather) for the single-process comparison; hashes of the final policy and critic;
 - ``resumed``: the same run stopped by an exception after step 3's metrics (step 2's
-  checkpoint is the last), then started again: it must resume and end where ``straight`` ended.
+  checkpoint is the last), then started again: it must resume and end where ``straight`` ended;
+- ``paper_lr``: 3 steps at the paper's learning rates (actor 5e-7, critic 9e-6), then how far
+  the float32 master weights moved (DeepSpeed's own master copy under bf16), which the test
+  holds against a float32 run: bf16 must not round the updates away.
+The model config's dtype follows the launcher (bfloat16 under a bf16 DeepSpeed config), as the
+trainer requires.
 Every process logs to its own ``rank{N}.log``, so the test can count checkpoint writes.
 """
 
@@ -26,8 +31,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from safetensors.torch import load_file
+
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.synthetic import generate_problems
+from training.precision import DTYPES
 from training.trainer import PPOTrainer, zero_stage
 
 # Prompts of 114-138 tokens, so the processes' shards have different prompt widths.
@@ -41,6 +49,7 @@ SETTINGS = {
     "micro_batch_tokens": 300, "max_new_tokens": 16, "actor_lr": 1e-3, "critic_lr": 1e-3, "warmup_ratio": 0.0,
     "checkpoint_every": 1, "loss_agg_mode": "token-mean",
 }
+PAPER_LR = {"actor_lr": 5e-7, "critic_lr": 9e-6}
 
 
 class Crash(Exception):
@@ -94,12 +103,48 @@ def weights_hash(acc: Accelerator, model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def model_dtype(acc: Accelerator) -> str:
+    return "bfloat16" if acc.mixed_precision == "bf16" else "float32"
+
+
 def make(acc: Accelerator, model: Path, out: Path, settings: dict | None = None, **kwargs) -> RecordingTrainer:
     return RecordingTrainer(
         policy_path=str(model), problems=PROBLEMS, out_dir=out, ppo_cfg=PPOConfig(**SETTINGS | (settings or {})),
-        model_cfg=ModelConfig(), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), keep_checkpoints=3,
-        accelerator=acc, **kwargs,
+        model_cfg=ModelConfig(dtype=model_dtype(acc)), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(),
+        keep_checkpoints=3, accelerator=acc, **kwargs,
     )
+
+
+def master_weights(acc: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The float32 weights the optimizer updates: the parameters themselves, or DeepSpeed's master
+    copy (under bf16 the module holds bf16 weights; gathered from every process under ZeRO-3)."""
+    module = acc.unwrap_model(model)
+    if zero_stage(acc) is None:
+        return {name: p.detach().float().cpu() for name, p in module.named_parameters()}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {name: safe_get_full_fp32_param(p).cpu() for name, p in module.named_parameters()}
+
+
+def mean_abs_change(start: dict[str, torch.Tensor], now: dict[str, torch.Tensor]) -> float:
+    total = sum((now[k].double() - v.double()).abs().sum().item() for k, v in start.items())
+    return total / sum(v.numel() for v in start.values())
+
+
+def paper_lr_moved(acc: Accelerator, model: Path, out: Path) -> dict[str, float]:
+    """How far 3 steps at the paper's learning rates move the policy and the critic's body."""
+    trainer = make(acc, model, out, PAPER_LR | {"warmup_ratio": 0.0})
+    trainer.train()
+    # What the trainer started from: the base weights in the dtype it loaded them in (DeepSpeed
+    # bf16 builds its float32 masters from bf16 weights).
+    start = {k: v.to(DTYPES[model_dtype(acc)] if zero_stage(acc) is not None else torch.float32)
+             for k, v in load_file(str(model / "model.safetensors")).items()}
+    critic = master_weights(acc, trainer.critic)
+    body = {"model." + k.removeprefix("backbone."): v for k, v in critic.items() if k.startswith("backbone.")}
+    return {
+        "policy": mean_abs_change(start, master_weights(acc, trainer.policy)),
+        "critic": mean_abs_change({k: v for k, v in start.items() if k.startswith("model.")}, body),
+    }
 
 
 def main() -> None:
@@ -149,6 +194,8 @@ def main() -> None:
     record["resumed_shards"] = resumed.shards
     record["resumed_policy"] = weights_hash(acc, resumed.policy)
     record["resumed_critic"] = weights_hash(acc, resumed.critic)
+    record["model_dtype"] = model_dtype(acc)
+    record["paper_lr_moved"] = paper_lr_moved(acc, args.model, args.out / "paper-lr")
     (args.out / f"rank{rank}.json").write_text(json.dumps(record))
     acc.wait_for_everyone()
     acc.end_training()  # leave the process group before exiting

@@ -89,11 +89,12 @@ def test_bf16_starts_with_zero_kl_and_samples_from_a_bf16_copy(tiny_model_dir: P
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
     assert {p.dtype for p in trainer.critic.parameters()} == {torch.float32}
     assert {p.dtype for p in trainer.opt_actor.param_groups[0]["params"]} == {torch.float32}
+    assert {p.dtype for p in trainer.ref.parameters()} == {torch.float32}, "computes as the policy does"
     with trainer._generation_model() as sampler:
         assert {p.dtype for p in sampler.parameters()} == {torch.bfloat16}
         torch.testing.assert_close(sampler.lm_head.weight, policy.lm_head.weight.to(torch.bfloat16), rtol=0, atol=0)
     _, metrics = trainer._rollout(0)
-    assert metrics["kl"] == 0.0, "reference and policy compute alike (float32 weights, the same autocast)"
+    assert metrics["kl"] == 0.0
 
 
 def test_precision_follows_model_dtype_and_refuses_a_conflicting_launcher() -> None:

@@ -46,9 +46,11 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path, dtype: str) -> None:
-    """bfloat16 too: its checkpoints keep the float32 master weights, so a resumed run ends where
-    an uninterrupted one does (the final policy, in bf16, bit for bit)."""
+def test_resume_after_crash_matches_uninterrupted_run(request, tmp_path: Path, dtype: str) -> None:
+    """bfloat16 too (from weights stored in bf16, as real models are): its checkpoints keep the
+    float32 master weights, so a resumed run ends where an uninterrupted one does (the final
+    policy, in bf16, bit for bit)."""
+    tiny_model_dir = request.getfixturevalue("tiny_model_dir" if dtype == "float32" else "tiny_bf16_model_dir")
     model_cfg = ModelConfig(dtype=dtype)
     logged: list[tuple[int, dict]] = []
     straight = make_trainer(tiny_model_dir, tmp_path / "straight", on_step=lambda s, m: logged.append((s, m)),

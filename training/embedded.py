@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from concise_rl.config import EmbeddedModelConfig, PromptConfig
 from concise_rl.synthetic import generate_problems, reasoning_trace
+from training.models import prompt_messages
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,9 @@ def _sft_examples(cfg: EmbeddedModelConfig, prompt: PromptConfig, seed: int) -> 
     )
     rows = []
     for p in problems:
-        content = f"{p.prompt}\n{prompt.instruction}" if prompt.instruction else p.prompt
         rows.append(
             {
-                "prompt": [{"role": "user", "content": content}],
+                "prompt": prompt_messages(p.prompt, prompt),
                 "completion": [{"role": "assistant", "content": reasoning_trace(p.prompt, rng)}],
             }
         )
@@ -116,7 +116,8 @@ def _sft_examples(cfg: EmbeddedModelConfig, prompt: PromptConfig, seed: int) -> 
 
 def _render(row: dict) -> str:
     """One SFT example as the text the tokenizer is fitted on (roles included, special tokens not)."""
-    return f"user\n{row['prompt'][0]['content']}\nassistant\n{row['completion'][0]['content']}"
+    turns = "".join(f"{m['role']}\n{m['content']}\n" for m in row["prompt"])
+    return f"{turns}assistant\n{row['completion'][0]['content']}"
 
 
 def build_embedded_model(

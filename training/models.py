@@ -7,6 +7,7 @@ loaded with ``from_pretrained``; remote code runs only when the config allows it
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,18 +195,34 @@ class Critic(nn.Module):
         self.load_state_dict(load_file(str(path)))
 
 
+def user_text(question: str, prompt: PromptConfig) -> str:
+    """The user turn for ``question`` (the whole prompt without a chat template): ``prompt.template``
+    filled in, or by default the question, a newline and the instruction."""
+    if prompt.template is None:
+        if prompt.use_chat_template and prompt.style == "qwen-math":
+            return question
+        return f"{question}\n{prompt.instruction}" if prompt.instruction else question
+    # One pass: braces in the question (LaTeX is full of them) are never read as fields.
+    values = {"question": question, "instruction": prompt.instruction}
+    return re.sub(r"\{(question|instruction)\}", lambda m: values[m.group(1)], prompt.template)
+
+
 def format_prompt(question: str, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig) -> str:
     """The text the model is conditioned on for one problem, in the prompt style of its family.
 
-    r1 (DeepSeek-R1-Distill): one user turn, the question then the instruction.
-    qwen-math (Qwen2.5-Math's CoT template): the instruction as the system turn, the
-    question as the user turn. Without a chat template: the question and instruction.
+    r1 (DeepSeek-R1-Distill): one user turn (``user_text``: by default the question then the
+    instruction). qwen-math (Qwen2.5-Math's CoT template): the instruction as the system turn,
+    the question as the user turn. Without a chat template: ``user_text`` as it is, which is
+    how the paper fed the base Qwen2.5-Math-7B prompts written out in ChatML.
     """
     if not prompt.use_chat_template:
-        return f"{question}\n{prompt.instruction}" if prompt.instruction else question
+        return user_text(question, prompt)
+    return tokenizer.apply_chat_template(prompt_messages(question, prompt), tokenize=False, add_generation_prompt=True)
+
+
+def prompt_messages(question: str, prompt: PromptConfig) -> list[dict[str, str]]:
+    """The chat turns of one problem's prompt (see ``format_prompt``)."""
+    content = user_text(question, prompt)
     if prompt.style == "qwen-math" and prompt.instruction:
-        messages = [{"role": "system", "content": prompt.instruction}, {"role": "user", "content": question}]
-    else:
-        content = f"{question}\n{prompt.instruction}" if prompt.instruction else question
-        messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return [{"role": "system", "content": prompt.instruction}, {"role": "user", "content": content}]
+    return [{"role": "user", "content": content}]
