@@ -4,6 +4,8 @@
     grpo-{LOSS}        TRL's GRPOTrainer with loss_type LOSS, otherwise the phase-2 settings
     band-{LOW}-{HIGH}  our PPO with the phase-2 settings on problems drawn from the curated
                        pass-rate band [LOW, HIGH] instead of the phase-2 set
+    logprob-t{T}       our PPO with the phase-2 settings, its log-probs scored at temperature T
+                       (ppo.logprob_temperature; logprob-t1.0 is the paper's code's objective)
 
 Names are canonical (``ppo-lam1-token-mean`` reads as ``ppo-lam1.0-token-mean``), so a
 variant's folder is found again whichever way it was spelt.
@@ -28,17 +30,21 @@ _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
 _PPO = re.compile(rf"ppo-lam{_NUMBER}-({'|'.join(map(re.escape, LOSS_AGG_MODES))})")
 _GRPO = re.compile(rf"grpo-({'|'.join(GRPO_LOSS_TYPES)})")
 _BAND = re.compile(rf"band-{_NUMBER}-{_NUMBER}")
+_LOGPROB = re.compile(rf"logprob-t{_NUMBER}")
+# The paper's code scored log-probs on raw logits (T = 1) while sampling at 0.6.
+PAPER_LOGPROB_TEMPERATURE = 1.0
 
 
 @dataclass(frozen=True)
 class Variant:
     """One phase-2 run of the ablation."""
 
-    kind: Literal["ppo", "grpo", "band"]
+    kind: Literal["ppo", "grpo", "band", "logprob"]
     lam: float | None = None
     loss_agg_mode: str | None = None
     loss_type: str | None = None
     band: tuple[float, float] | None = None
+    logprob_temperature: float | None = None
 
     @property
     def name(self) -> str:
@@ -46,14 +52,18 @@ class Variant:
             return f"ppo-lam{self.lam}-{self.loss_agg_mode}"
         if self.kind == "grpo":
             return f"grpo-{self.loss_type}"
+        if self.kind == "logprob":
+            return f"logprob-t{self.logprob_temperature}"
         return f"band-{self.band[0]}-{self.band[1]}"
 
 
 def default_variants(bands: list[tuple[float, float]] | tuple[tuple[float, float], ...] = DEFAULT_BANDS) -> list[Variant]:
-    """Every PPO lambda x aggregation, every GRPO loss type, then one PPO run per band."""
+    """Every PPO lambda x aggregation, every GRPO loss type, the paper's log-prob temperature,
+    then one PPO run per band."""
     return (
         [Variant("ppo", lam=lam, loss_agg_mode=agg) for lam in LAMBDAS for agg in LOSS_AGG_MODES]
         + [Variant("grpo", loss_type=loss) for loss in GRPO_LOSS_TYPES]
+        + [Variant("logprob", logprob_temperature=PAPER_LOGPROB_TEMPERATURE)]
         + [Variant("band", band=band) for band in bands]
     )
 
@@ -76,10 +86,15 @@ def parse_variant(name: str) -> Variant:
         return Variant("grpo", loss_type=m.group(1))
     if m := _BAND.fullmatch(name):
         return Variant("band", band=_band(m.group(1), m.group(2), f"variant {name!r}"))
+    if m := _LOGPROB.fullmatch(name):
+        temperature = float(m.group(1))
+        if temperature <= 0:
+            raise ValueError(f"variant {name!r}: the log-prob temperature must be above 0, got {temperature}")
+        return Variant("logprob", logprob_temperature=temperature)
     valid = ", ".join(v.name for v in default_variants(()))
     raise ValueError(
         f"unknown variant {name!r}; valid: {valid}, band-LOW-HIGH (a pass-rate band, e.g. band-0.125-0.375); "
-        f"ppo-lam{{L}}-{{AGG}} takes any lambda L in [0, 1]"
+        f"ppo-lam{{L}}-{{AGG}} takes any lambda L in [0, 1], logprob-t{{T}} any temperature T above 0"
     )
 
 

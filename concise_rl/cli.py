@@ -85,6 +85,9 @@ variants (--variants, comma-separated; default: all of them):
                      curated pass-rate band [LOW, HIGH] (the paper's difficulty study);
                      the default bands are --bands; a band with too few problems uses
                      what it has, an empty one is skipped, both noted in the table
+  logprob-t{T}       our PPO with the old, reference and new log-probs scored at
+                     temperature T (ppo.logprob_temperature) instead of the sampling one;
+                     the default is logprob-t1.0, the paper's code's objective
 
 Writes ablation.md, ablation.json and ablation.png (accuracy against length reduction)
 to the output folder, prints the table and logs it as one MLflow run (stage 'ablate').
@@ -260,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--variants", type=_parsed("parse_variants"), metavar="NAME[,NAME...]",
-                   help="variants to run, in order (default: all 6 PPO, 4 GRPO and one per --bands band)")
+                   help="variants to run, in order (default: all 6 PPO, 4 GRPO, logprob-t1.0 and one per --bands band)")
     p.add_argument("--bands", type=_parsed("parse_bands"), metavar="LOW-HIGH[,LOW-HIGH...]",
                    help="pass-rate bands of the band variants when --variants is not given "
                         "(default: 0.125-0.375,0.375-0.625,0.625-0.875)")

@@ -8,7 +8,9 @@ from and keeps the config's phase-2 PPO settings except what it is about:
   same reward, prompts, batch, sampling, learning rate and KL weight (training/grpo.py);
 - ``band-{LOW}-{HIGH}``: ``curation.phase2_num_problems`` problems drawn from that band
   of the latest curation's pass rates instead of the phase-2 set (the paper's
-  difficulty study: easier sets should shorten more).
+  difficulty study: easier sets should shorten more);
+- ``logprob-t{T}``: the log-probs of the importance ratio and the KL scored at
+  temperature T (``ppo.logprob_temperature``; the paper's code: 1.0, sampling at 0.6).
 
 Each trained model is evaluated on the held-out set at the config's temperatures,
 next to the start model. Layout of the output folder:
@@ -170,6 +172,8 @@ def _run_variant(cfg: PipelineConfig, variant: Variant, ppo: PPOConfig, curation
     if variant.kind == "ppo":
         settings = PPOConfig.model_validate({**ppo.model_dump(), "lam": variant.lam,
                                              "loss_agg_mode": variant.loss_agg_mode})
+    elif variant.kind == "logprob":
+        settings = PPOConfig.model_validate({**ppo.model_dump(), "logprob_temperature": variant.logprob_temperature})
     key = stable_hash({"common": common, "variant": variant.name, "ppo": settings.model_dump(mode="json"),
                        "problems": problems_hash(problems)})
     result_file = vdir / "result.json"
@@ -203,6 +207,7 @@ def _run_variant(cfg: PipelineConfig, variant: Variant, ppo: PPOConfig, curation
         "settings": {"algorithm": "grpo" if variant.kind == "grpo" else "ppo", "loss_type": variant.loss_type,
                      "lam": None if variant.kind == "grpo" else settings.lam,
                      "loss_agg_mode": None if variant.kind == "grpo" else settings.loss_agg_mode,
+                     "logprob_temperature": None if variant.kind == "grpo" else settings.logprob_temperature,
                      "band": variant.band, "ppo": settings.model_dump(mode="json")},
         "model_dir": str(final), "train_seconds": round(t1 - t0, 1),
         "eval_seconds": round(time.perf_counter() - t1, 1), "eval": evals,

@@ -41,20 +41,21 @@ def test_default_variants_cover_lambda_aggregation_grpo_and_bands():
     assert names == [
         "ppo-lam0.95-seq-mean-token-mean", "ppo-lam0.95-token-mean", "ppo-lam0.95-seq-mean-token-sum-norm",
         "ppo-lam1.0-seq-mean-token-mean", "ppo-lam1.0-token-mean", "ppo-lam1.0-seq-mean-token-sum-norm",
-        "grpo-grpo", "grpo-dr_grpo", "grpo-dapo", "grpo-bnpo",
+        "grpo-grpo", "grpo-dr_grpo", "grpo-dapo", "grpo-bnpo", "logprob-t1.0",
         "band-0.125-0.375", "band-0.375-0.625", "band-0.625-0.875",
     ]
     assert [v.band for v in default_variants() if v.kind == "band"] == list(DEFAULT_BANDS)
 
 
 def test_variant_names_parse_to_canonical_variants():
-    variants = parse_variants(" ppo-lam1-token-mean, grpo-dapo,band-0.2-.5,,ppo-lam1.0-token-mean")
+    variants = parse_variants(" ppo-lam1-token-mean, grpo-dapo,band-0.2-.5,,ppo-lam1.0-token-mean,logprob-t1")
     assert variants == [
         Variant("ppo", lam=1.0, loss_agg_mode="token-mean"),
         Variant("grpo", loss_type="dapo"),
         Variant("band", band=(0.2, 0.5)),
+        Variant("logprob", logprob_temperature=1.0),
     ], "names are canonical and duplicates dropped"
-    assert [v.name for v in variants] == ["ppo-lam1.0-token-mean", "grpo-dapo", "band-0.2-0.5"]
+    assert [v.name for v in variants] == ["ppo-lam1.0-token-mean", "grpo-dapo", "band-0.2-0.5", "logprob-t1.0"]
     assert parse_bands("0.125-0.375, 0.6-1") == [(0.125, 0.375), (0.6, 1.0)]
 
 
@@ -63,6 +64,7 @@ def test_variant_names_parse_to_canonical_variants():
     ("grpo-cispo", "unknown variant 'grpo-cispo'"),
     ("ppo-lam1.5-token-mean", "lambda must be in [0, 1]"),
     ("band-0.6-0.2", "0 <= LOW <= HIGH <= 1"),
+    ("logprob-t0", "the log-prob temperature must be above 0"),
     (" , ", "no variant named"),
 ])
 def test_bad_variant_names_are_refused_with_what_is_valid(text, expected):
@@ -71,7 +73,7 @@ def test_bad_variant_names_are_refused_with_what_is_valid(text, expected):
     assert expected in str(info.value)
     if "unknown" in expected:
         for valid in ("ppo-lam0.95-seq-mean-token-mean", "ppo-lam1.0-token-mean", "grpo-dr_grpo", "grpo-bnpo",
-                      "band-LOW-HIGH"):
+                      "logprob-t1.0", "band-LOW-HIGH"):
             assert valid in str(info.value)
 
 
@@ -206,8 +208,8 @@ def test_small_ablation_end_to_end(tmp_path: Path) -> None:
     curation = home / "curation" / (home / "curation" / "latest").read_text().strip()
 
     out = tmp_path / "ablation"
-    names = ["ppo-lam0.95-seq-mean-token-mean", "ppo-lam1.0-token-mean", "grpo-dr_grpo", "band-0.0-1.0",
-             "band-1.0-1.0"]
+    names = ["ppo-lam0.95-seq-mean-token-mean", "ppo-lam1.0-token-mean", "grpo-dr_grpo", "logprob-t1.0",
+             "band-0.0-1.0", "band-1.0-1.0"]
     ablate = ["ablate", *settings, "--variants", ",".join(names), "--steps", "2", "--eval-problems", "6", "-o", str(out)]
     proc = run_cli(home, *ablate)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -253,6 +255,8 @@ def test_small_ablation_end_to_end(tmp_path: Path) -> None:
     assert by_name["ppo-lam1.0-token-mean"]["settings"]["ppo"]["lam"] == 1.0
     assert by_name["ppo-lam1.0-token-mean"]["settings"]["ppo"]["loss_agg_mode"] == "token-mean"
     assert by_name["grpo-dr_grpo"]["settings"]["loss_type"] == "dr_grpo"
+    assert by_name["logprob-t1.0"]["settings"]["logprob_temperature"] == 1.0
+    assert by_name["ppo-lam1.0-token-mean"]["settings"]["logprob_temperature"] is None
 
     # GRPO trained: its weights moved away from the start model's.
     before = load_file(str(Path(report["start"]["dir"]) / "model.safetensors"))

@@ -263,3 +263,39 @@ def test_cli_reports_a_full_disk_in_one_line_and_leaves_no_partial_checkpoint(ti
     assert str(disk / "phase1" / "checkpoints") in last and "step-000001" in last
     assert "CONCISE_RL_HOME" in last and "run the same command again" in last
     assert not [p for p in (disk / "phase1" / "checkpoints").iterdir()], "nothing half-written is left"
+
+
+@pytest.mark.parametrize("logprob_temperature, divisor", [(None, 0.6), (1.0, 1.0)])
+def test_logprobs_are_scored_at_the_logprob_temperature(tiny_model_dir: Path, tmp_path: Path,
+                                                         logprob_temperature, divisor) -> None:
+    """Default: the old, reference and new log-probs of the sampling distribution (T = 0.6), the
+    importance ratio of what was sampled. ppo.logprob_temperature=1.0: raw logits, as the paper's
+    code scored them while sampling at 0.6. Old and new use the same temperature either way, so the
+    first update's ratio is exactly 1."""
+    trainer = make_trainer(tiny_model_dir, tmp_path, steps=1, temperature=0.6, mini_batch_size=4,
+                           micro_batch_size=4, logprob_temperature=logprob_temperature)
+    trainer._build()
+    torch.manual_seed(3)
+    ro, metrics = trainer._rollout(0)
+    width = ro.response_mask.shape[1]
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    with torch.no_grad():
+        logits = policy(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                        position_ids=(ro.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -width - 1 : -1]
+    tokens = ro.input_ids[:, -width:]
+    expected = torch.log_softmax(logits / divisor, -1).gather(2, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(ro.logprobs * ro.response_mask, expected * ro.response_mask, atol=1e-5, rtol=0)
+    other = torch.log_softmax(logits / (1.6 - divisor), -1).gather(2, tokens.unsqueeze(-1)).squeeze(-1)
+    assert (ro.logprobs - other).abs().mul(ro.response_mask).max() > 1e-2, "the two temperatures differ"
+    # One mini-batch, updated once: the new log-probs are taken before the step, at the same temperature
+    # (by default reused from the sampling pass, which agrees with the training forward to ~1e-6).
+    stats = trainer._update(ro)
+    assert stats["approx_kl"] < 1e-10 and stats["clip_frac"] == 0.0
+
+
+def test_the_sampling_passs_logprobs_are_not_reused_at_another_temperature(tiny_model_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_model_dir, tmp_path, logprob_temperature=1.0, rollout_logprobs="reuse")
+    trainer._build()
+    with pytest.raises(ValueError, match="ppo.logprob_temperature=1.0 asks for others"):
+        trainer._rollout(0)
