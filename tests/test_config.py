@@ -12,8 +12,7 @@ from concise_rl.config import Band, ConfigError, PipelineConfig, PPOConfig, load
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO = CONFIGS / "demo.yaml"
-R1_15B = CONFIGS / "r1-distill-qwen-1.5b.yaml"
-QWEN_MATH = CONFIGS / "qwen2.5-math-1.5b.yaml"
+QWEN_MATH = CONFIGS / "qwen2.5-math-1.5b-instruct.yaml"
 
 
 def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
@@ -25,7 +24,8 @@ def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
 # ----------------------------------------------------------------------------- shipped files
 def test_configs_folder_has_the_expected_files():
     names = {p.name for p in CONFIGS.glob("*.yaml")}
-    assert {"demo.yaml", "r1-distill-qwen-1.5b.yaml", "qwen2.5-math-1.5b.yaml"} <= names
+    assert {"demo.yaml", "r1-distill-qwen-1.5b.yaml", "r1-distill-qwen-7b.yaml", "qwen2.5-math-7b.yaml",
+            "qwen2.5-math-1.5b-instruct.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -39,39 +39,15 @@ def test_every_shipped_config_validates(path):
     assert isinstance(cfg.ppo_for("phase2"), PPOConfig)
 
 
-def test_r1_distill_1p5b_carries_the_papers_settings():
-    cfg = load_config(R1_15B)
-    ppo = cfg.ppo
-    assert ppo.gamma == 1.0
-    assert ppo.lam == 0.95
-    assert ppo.clip_range == 0.2
-    assert ppo.value_clip_range == 0.2
-    assert ppo.kl_coef == 0.01
-    assert (cfg.reward.correct, cfg.reward.wrong_boxed, cfg.reward.no_box) == (1.0, -0.5, -1.0)
-    assert ppo.actor_lr == 5e-7
-    assert ppo.critic_lr == 9e-6
-    assert ppo.min_lr_ratio == 0.1
-    assert ppo.warmup_ratio == 0.03
-    assert ppo.adam_betas == (0.9, 0.95)
-    assert (ppo.prompts_per_step, ppo.samples_per_prompt) == (8, 8)
-    assert ppo.ppo_epochs == 1
-    assert ppo.temperature == 0.6
-    assert ppo.top_p == 1.0
-    assert ppo.max_new_tokens == 20000
-    assert cfg.evaluation.top_p == 0.95
-    assert cfg.curation.phase2_num_problems == 8
-    # The phase-2 override in the file does not change any of the above.
-    p2 = cfg.ppo_for("phase2")
-    assert (p2.lam, p2.kl_coef, p2.actor_lr, p2.steps) == (0.95, 0.01, 5e-7, 150)
-
-
-def test_qwen_math_uses_four_phase2_problems_and_3000_tokens():
+def test_the_project_qwen_variant_is_the_1p5b_instruct_model_at_the_papers_qwen_batch():
+    """Not one of the paper's runs (tests/test_paper_parity.py holds those): the Instruct model with
+    its chat template, at the paper's Qwen sizes: 4 prompts x 8, 4 updates per rollout, 3,000 tokens."""
     cfg = load_config(QWEN_MATH)
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-Math-1.5B-Instruct"
+    assert (cfg.prompt.style, cfg.prompt.use_chat_template) == ("qwen-math", True)
     assert cfg.curation.phase2_num_problems == 4
-    assert cfg.ppo.max_new_tokens == 3000
-    assert cfg.curation.max_new_tokens == 3000
-    assert cfg.evaluation.max_new_tokens == 3000
-    assert cfg.ppo.prompts_per_step == 4
+    assert cfg.ppo.max_new_tokens == cfg.curation.max_new_tokens == cfg.evaluation.max_new_tokens == 3000
+    assert (cfg.ppo.prompts_per_step, cfg.ppo.samples_per_prompt, cfg.ppo.mini_batch_size) == (4, 8, 8)
 
 
 def test_no_path_gives_the_defaults():

@@ -52,8 +52,21 @@ QWEN2_SPLIT = (
 )
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE like Qwen2's, with digits split one per token so arithmetic is learnable."""
+def build_tokenizer(
+    corpus: list[str],
+    vocab_size: int,
+    *,
+    special_tokens: list[str] = SPECIAL_TOKENS,
+    eos: str = EOS,
+    pad: str = PAD,
+    bos: str | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE like Qwen2's, with digits split one per token so arithmetic is learnable.
+
+    The special tokens and chat template default to the embedded model's (Qwen2's ChatML);
+    tests pass a real model family's to build a tiny stand-in for it.
+    """
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -65,22 +78,23 @@ def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token=EOS,
-        pad_token=PAD,
-        chat_template=CHAT_TEMPLATE,
+        eos_token=eos,
+        pad_token=pad,
+        **({"bos_token": bos} if bos is not None else {}),
+        chat_template=chat_template,
         padding_side="left",
         model_max_length=4096,
     )
 
 
-def _check_reload(tokenizer: PreTrainedTokenizerFast, saved: Path, texts: list[str]) -> None:
+def check_reload(tokenizer: PreTrainedTokenizerFast, saved: Path, texts: list[str]) -> None:
     """The saved tokenizer, loaded the way the pipeline loads it, must cut text like the trained one."""
     from transformers import AutoTokenizer
 
@@ -183,7 +197,7 @@ def build_embedded_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    _check_reload(tokenizer, tmp, corpus[:50])
+    check_reload(tokenizer, tmp, corpus[:50])
     shutil.rmtree(tmp / "sft", ignore_errors=True)
     if out_dir.exists():
         shutil.rmtree(out_dir)

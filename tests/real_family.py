@@ -1,0 +1,119 @@
+"""Tiny stand-ins for the real models, one per family the shipped configs use.
+
+No weights can be downloaded here, so the tests of the real configs run them on a model
+of the same family instead: the Qwen2 architecture (DeepSeek-R1-Distill-Qwen and
+Qwen2.5-Math are both Qwen2), the family's special tokens and its real chat template
+(../shared/data/tokenizers), weights stored in bfloat16 as the published checkpoints are,
+and a byte-level BPE fitted on the synthetic task and the real benchmarks' text. It is
+trained by the project's own SFT recipe (TRL's SFTTrainer, as training/embedded.py) on
+short synthetic chains, written in the prompt format of the config under test, for long
+enough to answer in the expected form (``... \\boxed{d}``): its answers are then right on
+some problems and wrong on others, so curation finds problems in both bands.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from concise_rl.config import PromptConfig
+from concise_rl.synthetic import generate_problems, reasoning_trace
+from training.embedded import build_tokenizer, check_reload
+from training.models import format_prompt
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TOKENIZERS = SHARED / "tokenizers"
+BENCHMARKS = SHARED / "benchmarks"
+# Levels of the synthetic chains the stand-ins learn and are curated on: short enough that an
+# answer fits the tests' small token budgets.
+MIN_LEVEL, MAX_LEVEL = 1, 3
+
+
+@dataclass(frozen=True)
+class Family:
+    """The tokens and chat template a real model family's tokenizer has (tokenizers/README.md)."""
+
+    chat_template_file: str
+    special_tokens: tuple[str, ...]
+    eos: str
+    pad: str
+    bos: str | None = None
+
+    @property
+    def chat_template(self) -> str:
+        return (TOKENIZERS / self.chat_template_file).read_text()
+
+
+R1_BOS, R1_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+FAMILIES = {
+    # DeepSeek-R1-Distill-Qwen-1.5B / 7B: bos, eos = pad; <think> tags are plain added tokens there.
+    "deepseek-r1-distill": Family(
+        "deepseek-r1-distill.chat_template.jinja",
+        (R1_BOS, R1_EOS, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"), eos=R1_EOS, pad=R1_EOS, bos=R1_BOS,
+    ),
+    # Qwen2.5-Math-*-Instruct: ends its turn with <|im_end|>.
+    "qwen2.5-math-instruct": Family(
+        "qwen2.5-math-instruct.chat_template.jinja", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        eos="<|im_end|>", pad="<|endoftext|>",
+    ),
+    # The base Qwen2.5-Math-7B the paper trained: the same tokens, but it stops at <|endoftext|>.
+    "qwen2.5-math-base": Family(
+        "qwen2.5-math-instruct.chat_template.jinja", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        eos="<|endoftext|>", pad="<|endoftext|>",
+    ),
+}
+
+
+def benchmark_text() -> list[str]:
+    """The text of the real benchmarks, so the stand-in's tokenizer cuts them about as finely as a real one."""
+    texts = []
+    for path in sorted(BENCHMARKS.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            texts.append(" ".join(str(row[k]) for k in ("problem", "question", "choices") if k in row))
+    return texts
+
+
+def build_family_model(out: Path, family: str, prompt: PromptConfig, *, examples: int = 1500, seed: int = 0) -> Path:
+    """Build and train the stand-in of ``family`` for prompts rendered with ``prompt``; returns its folder."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    fam = FAMILIES[family]
+    rng = random.Random(seed)
+    problems = generate_problems(examples, seed=seed + 1000, min_level=MIN_LEVEL, max_level=MAX_LEVEL, split="train",
+                                 distinct=False)
+    traces = [reasoning_trace(p.prompt, rng) for p in problems]
+    corpus = [f"{p.prompt}\n{prompt.instruction}\n{t}" for p, t in zip(problems, traces)] + benchmark_text()
+    tokenizer = build_tokenizer(corpus, 4000, special_tokens=list(fam.special_tokens), eos=fam.eos, pad=fam.pad,
+                                bos=fam.bos, chat_template=fam.chat_template)
+    rows = [{"prompt": format_prompt(p.prompt, tokenizer, prompt), "completion": t} for p, t in zip(problems, traces)]
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=2048, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    tokenizer.padding_side = "right"
+    args = SFTConfig(
+        output_dir=str(out / "sft"), num_train_epochs=2, per_device_train_batch_size=16, learning_rate=3e-3,
+        lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0, save_strategy="no", report_to=[],
+        # Stated, not TRL's default (bf16 autocast): the stand-in trains in float32, then is stored in bf16.
+        bf16=False, fp16=False, use_cpu=True, seed=seed, max_length=512, dataloader_num_workers=0,
+        disable_tqdm=True, logging_steps=50,
+    )
+    SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer).train()
+    tokenizer.padding_side = "left"
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    check_reload(tokenizer, out, [r["prompt"] + r["completion"] for r in rows[:20]])
+    return out
