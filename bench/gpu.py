@@ -55,6 +55,7 @@ from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.problems import Problem
 from training.embedded import SPECIAL_TOKENS, build_tokenizer
 from training.generation import generate
+from training.precision import LAUNCHER_PRECISION
 
 R1_DISTILL_1_5B = {  # config.json of deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
     "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
@@ -204,7 +205,7 @@ def bench_ppo(model_dir: Path, args, mode: str) -> None:
                  policy_loss=metrics["policy_loss"], value_loss=metrics["value_loss"], **peak_memory(device))
     acc.wait_for_everyone()
     # Give the GPU back before a DeepSpeed run starts in another process.
-    trainer.policy = trainer.critic = trainer.ref = trainer.opt_actor = trainer.opt_critic = None
+    trainer.policy = trainer.critic = trainer.ref = trainer._sampler = trainer.opt_actor = trainer.opt_critic = None
     acc.free_memory()
     acc.end_training()  # a DeepSpeed child leaves its process group before it exits
 
@@ -213,13 +214,16 @@ def launch_deepspeed(config: Path, model_dir: Path, args) -> None:
     """The PPO part again, in a child started by `accelerate launch` with the DeepSpeed config."""
     mode = f"deepspeed:{config.stem}"
     if importlib.util.find_spec("deepspeed") is None:
-        emit(stage="ppo", mode=mode, skipped="deepspeed is not installed (pip install -e '.[gpu]')")
+        emit(stage="ppo", mode=mode, skipped="deepspeed is not installed (pip install --no-build-isolation deepspeed==0.19.8)")
         return
     forwarded = ["--device", args.device, "--dtype", args.dtype, "--prompt-tokens", str(args.prompt_tokens),
                  "--ppo-steps", str(args.ppo_steps), "--ppo-prompts", str(args.ppo_prompts),
                  "--ppo-samples", str(args.ppo_samples), "--ppo-new-tokens", str(args.ppo_new_tokens),
                  "--ppo-micro-batch", str(args.ppo_micro_batch)]
+    # The launcher's precision follows --dtype (the trainer refuses a mismatch): the configs say bf16.
+    precision = LAUNCHER_PRECISION[args.dtype]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1",
+           "--mixed_precision", precision,
            "--main_process_port", str(args.port), "-m", "bench.gpu", "--ppo-only", str(model_dir), "--mode", mode,
            *forwarded, *(["--tiny"] if args.tiny else [])]
     t0 = time.perf_counter()
