@@ -7,7 +7,8 @@ has no critic, its advantage is the reward normalised within each prompt's group
 and its KL term (weight ``beta`` = our ``kl_coef``) is TRL's k3 estimate added to the
 loss rather than our per-token k1 penalty on the reward. TRL's other defaults stay,
 e.g. rewards scaled by their group's standard deviation (``scale_rewards="group"``)
-whatever the loss type.
+whatever the loss type. ``ppo.logprob_temperature`` has no GRPO counterpart: TRL scores
+log-probs at the sampling temperature, as our PPO does by default.
 """
 
 from __future__ import annotations
