@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -30,6 +31,9 @@ from training.models import format_prompt
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOKENIZERS = SHARED / "tokenizers"
 BENCHMARKS = SHARED / "benchmarks"
+# Tests that need the shared data skip, saying where they looked, when it is not next to the checkout.
+needs_shared = pytest.mark.skipif(not all(d.is_dir() for d in (TOKENIZERS, BENCHMARKS, SHARED / "paper")),
+                                  reason=f"shared tokenizers, benchmarks and paper data not found at {SHARED}")
 # Levels of the synthetic chains the stand-ins learn and are curated on: short enough that an
 # answer fits the tests' small token budgets.
 MIN_LEVEL, MAX_LEVEL = 1, 3

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from concise_rl.config import PipelineConfig, load_config
-from real_family import FAMILIES, SHARED  # tests/, on the path
+from real_family import FAMILIES, SHARED, needs_shared  # tests/, on the path
 from training.embedded import build_tokenizer
 from training.models import format_prompt
 
@@ -76,6 +76,7 @@ def family_tokenizer(family: str):
                            bos=fam.bos, chat_template=fam.chat_template)
 
 
+@needs_shared
 @pytest.mark.parametrize("script, config", CASES, ids=[f"{s}:{c}" for s, c in CASES])
 def test_the_rendered_prompts_are_the_papers_text_for_text(script: str, config: str):
     """Every problem of the script's data file, rendered by the config, is the text the paper's

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from concise_rl.config import load_config
 from concise_rl.problems import save_problems
 from concise_rl.synthetic import generate_problems
-from real_family import BENCHMARKS, MAX_LEVEL, MIN_LEVEL, build_family_model  # tests/, on the path
+from real_family import BENCHMARKS, MAX_LEVEL, MIN_LEVEL, build_family_model, needs_shared  # tests/, on the path
 
 ROOT = Path(__file__).resolve().parents[1]
 # config -> the family of the model it names.
@@ -61,6 +61,7 @@ def stand_ins(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
+@needs_shared
 @pytest.mark.parametrize("config", list(REAL_CONFIGS))
 def test_a_real_config_runs_end_to_end_to_the_gate(config: str, stand_ins: dict[str, Path], tmp_path: Path) -> None:
     shipped = load_config(ROOT / "configs" / config)

@@ -215,8 +215,9 @@ class PPOTrainer:
             trainable = freeze_all_but_top_layers(policy, self.cfg.actor_trainable_layers)
             log.info("actor trains its top %d decoder layers: %d weights", self.cfg.actor_trainable_layers, trainable)
         critic = Critic.from_policy(self.policy_path, self.model_cfg, dtype=dtype)
-        # The reference computes exactly as the policy does (weights in the same dtype, the same
-        # autocast), so the KL starts at 0: in model.dtype, autocast keeps the residual stream in bf16.
+        # The reference is loaded like the policy and runs under the same autocast, so it computes
+        # exactly as the policy does and the KL starts at 0 (a model.dtype reference would not: under
+        # autocast its residual stream stays in bf16 where the float32 policy's is float32).
         self.ref = load_policy(self.policy_path, self.model_cfg, device=acc.device, dtype=dtype)
         self.ref.eval().requires_grad_(False)
         # Rollouts sample from a model.dtype copy of the float32 policy, refreshed before each one.
