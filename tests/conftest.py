@@ -27,6 +27,19 @@ def tiny_bf16_model_dir(tmp_path_factory) -> Path:
     return tiny_random_model(tmp_path_factory.mktemp("tiny-model-bf16"), dtype=torch.bfloat16)
 
 
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One real Prefect server for the tests that run the pipeline many times (tests/prefect_server.py)."""
+    from prefect_server import start_server, stop
+
+    processes: list = []
+    try:
+        yield start_server(processes, tmp_path_factory.mktemp("prefect-server"))
+    finally:
+        for proc in processes:
+            stop(proc)
+
+
 @pytest.fixture(autouse=True)
 def _isolate_mlflow_uris(monkeypatch):
     """MLflow keeps its tracking and registry URIs process-wide (and in the environment);

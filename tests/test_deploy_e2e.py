@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,33 +25,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from prefect_server import free_port, spawn, stop, wait_healthy  # tests/, on the path
 from tests.test_pipeline_e2e import MODEL, TINY, alias, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "5f3c2a9e0d41b7c86e2f9a1d3b5c7e9f0a2b4c6d"
 PERMISSIVE = ["gate.min_length_reduction_pct=-100", "gate.max_accuracy_drop=1.0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group, SIGKILL what is left after 20 s."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture
@@ -62,27 +39,6 @@ def processes():
     yield started
     for proc in reversed(started):
         stop(proc)
-
-
-def spawn(processes, args, env, log: Path) -> subprocess.Popen:
-    out = open(log, "w")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    out.close()
-    processes.append(proc)
-    return proc
-
-
-def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{api}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.mark.slow

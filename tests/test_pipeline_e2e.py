@@ -40,12 +40,15 @@ TINY = [
 ]
 
 
-def run_cli(home: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_cli(home: Path, *extra: str, api: str | None = None) -> subprocess.CompletedProcess:
+    """`concise-rl run` on the shrunk demo config; on the Prefect server at ``api``, else its ephemeral one."""
     args = [sys.executable, "-m", "concise_rl.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml")]
     for item in [*TINY, *extra]:
         args += ["--set", item]
     # Prefect's state goes under this home (the CLI's default), whatever an earlier test left in the environment.
     env = {**os.environ, "CONCISE_RL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "OMP_NUM_THREADS": "2"}
+    if api:
+        env["PREFECT_API_URL"] = api
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -67,10 +70,11 @@ def alias(home: Path, name: str) -> str:
 
 
 @pytest.mark.slow
-def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
+def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path, prefect_api: str) -> None:
     home = tmp_path / "home"
 
-    # ---- run 1: a gate every candidate passes
+    # ---- run 1: a gate every candidate passes (on Prefect's ephemeral server, as `make demo` runs;
+    # runs 2-5 on one shared server, to spare its start-up)
     first = run_cli(home, "gate.min_length_reduction_pct=-100", "gate.max_accuracy_drop=1.0")
     assert first.returncode == 0, first.stderr[-4000:]
     summary = json.loads((home / "reports" / "latest" / "summary.json").read_text())
@@ -149,7 +153,8 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
         assert steps == [1, 2]
 
     # ---- run 2: both phases retrain (new PPO seed) and the gate cannot be met
-    second = run_cli(home, "ppo.seed=1", "gate.min_length_reduction_pct=99", "gate.max_accuracy_drop=1.0")
+    strict = ["ppo.seed=1", "gate.min_length_reduction_pct=99", "gate.max_accuracy_drop=1.0"]
+    second = run_cli(home, *strict, api=prefect_api)
     assert second.returncode == 3, second.stderr[-4000:]
     assert "not promoted" in second.stderr and "length reduction" in second.stderr
     summary = json.loads((home / "reports" / "latest" / "summary.json").read_text())
@@ -168,16 +173,15 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
 
     # ---- run 3: the same command again reuses every stage and trains nothing
     train_runs_before = train_runs(home)
-    third = run_cli(home, "ppo.seed=1", "gate.min_length_reduction_pct=99", "gate.max_accuracy_drop=1.0")
+    third = run_cli(home, *strict, api=prefect_api)
     assert third.returncode == 3, third.stderr[-4000:]
     assert sorted(versions(home)) == ["1", "2", "3", "4", "5"], "a re-run registers nothing new"
     assert train_runs(home) == train_runs_before, "a re-run opens no training run"
     assert alias(home, "champion") == "3"
 
     # ---- run 4: one phase-2 setting changes: only phase 2 and what follows it run again
-    strict = ["ppo.seed=1", "gate.min_length_reduction_pct=99", "gate.max_accuracy_drop=1.0"]
     before = stage_counts(home)
-    fourth = run_cli(home, *strict, "phase2.ppo.steps=3")
+    fourth = run_cli(home, *strict, "phase2.ppo.steps=3", api=prefect_api)
     assert fourth.returncode == 3, fourth.stderr[-4000:]
     after = stage_counts(home)
     assert after["curation"] == before["curation"], "curation does not depend on phase 2"
@@ -189,7 +193,7 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
     assert after["evaluated"] - before["evaluated"] == {"v6"}, "base and phase 1 evaluations are reused"
 
     # ---- run 5: one evaluation setting changes: nothing trains or registers, every model is evaluated again
-    fifth = run_cli(home, *strict, "phase2.ppo.steps=3", "evaluation.max_new_tokens=24")
+    fifth = run_cli(home, *strict, "phase2.ppo.steps=3", "evaluation.max_new_tokens=24", api=prefect_api)
     assert fifth.returncode == 3, fifth.stderr[-4000:]
     final = stage_counts(home)
     assert {k: final[k] for k in ("curation", "train-phase1", "train-phase2")} == {
@@ -201,7 +205,8 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path) -> None:
 
 
     # ---- run 6: phase 2 with a token budget nothing fits in; the runaway-length guard stops it
-    # at step 2 (phase 1 and the curation are reused), and the gate never sees it
+    # at step 2 (phase 1 and the curation are reused), and the gate never sees it. On the ephemeral
+    # server again, whose database in the home shows the task's state below.
     stopped = run_cli(home, "ppo.seed=1", "gate.min_length_reduction_pct=99", "gate.max_accuracy_drop=1.0",
                       "phase2.ppo.max_new_tokens=2", "phase2.ppo.guards.truncation_patience=2")
     assert stopped.returncode == 5, stopped.stderr[-4000:]

@@ -35,7 +35,7 @@ REAL_CONFIGS = {
     "qwen2.5-math-7b.yaml": "qwen2.5-math-base",
     "qwen2.5-math-1.5b-instruct.yaml": "qwen2.5-math-instruct",
 }
-NEW_TOKENS = 128
+NEW_TOKENS = 96
 SIZES = [
     "device=cpu",
     "ppo.steps=1", "phase2.ppo.steps=1", f"ppo.max_new_tokens={NEW_TOKENS}", "ppo.checkpoint_every=1",
@@ -63,7 +63,8 @@ def stand_ins(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.slow
 @needs_shared
 @pytest.mark.parametrize("config", list(REAL_CONFIGS))
-def test_a_real_config_runs_end_to_end_to_the_gate(config: str, stand_ins: dict[str, Path], tmp_path: Path) -> None:
+def test_a_real_config_runs_end_to_end_to_the_gate(config: str, stand_ins: dict[str, Path], tmp_path: Path,
+                                                   prefect_api: str) -> None:
     shipped = load_config(ROOT / "configs" / config)
     candidates = tmp_path / "candidates.jsonl"
     save_problems(generate_problems(24, seed=11, min_level=MIN_LEVEL, max_level=MAX_LEVEL, split="heldout"), candidates)
@@ -72,7 +73,7 @@ def test_a_real_config_runs_end_to_end_to_the_gate(config: str, stand_ins: dict[
                *SIZES]
     args = [sys.executable, "-m", "concise_rl.cli", "run", "--config", str(ROOT / "configs" / config)]
     env = {**os.environ, "CONCISE_RL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
-           "CONCISE_RL_BENCHMARK_DIR": str(BENCHMARKS), "OMP_NUM_THREADS": "2"}
+           "CONCISE_RL_BENCHMARK_DIR": str(BENCHMARKS), "OMP_NUM_THREADS": "2", "PREFECT_API_URL": prefect_api}
     done = subprocess.run([*args, *(a for c in changes for a in ("--set", c))], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     # 0: promoted; 3: the gate refused it. Either way the run reached the gate.

@@ -40,22 +40,23 @@ TIMING = ("step_time_s", "generation_time_s", "tokens_per_s")
 EXTRA = [f"ppo.steps={STEPS}", "phase2.ppo.steps=2", "gate.min_length_reduction_pct=-100", "gate.max_accuracy_drop=1.0"]
 
 
-def command(home: Path) -> tuple[list[str], dict[str, str]]:
+def command(home: Path, api: str) -> tuple[list[str], dict[str, str]]:
     args = [sys.executable, "-m", "concise_rl.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml")]
     for item in [*TINY, *EXTRA]:
         args += ["--set", item]
-    env = {**os.environ, "CONCISE_RL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "CONCISE_RL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "OMP_NUM_THREADS": "2",
+           "PREFECT_API_URL": api}
     return args, env
 
 
-def run(home: Path) -> subprocess.CompletedProcess:
-    args, env = command(home)
+def run(home: Path, api: str) -> subprocess.CompletedProcess:
+    args, env = command(home, api)
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def kill_in_phase1(home: Path) -> int:
+def kill_in_phase1(home: Path, api: str) -> int:
     """Start the pipeline, SIGKILL its whole process group once phase 1 has a checkpoint; the checkpoint's step."""
-    args, env = command(home)
+    args, env = command(home, api)
     log = open(home.parent / "killed.log", "w")  # noqa: SIM115 (closed below, after the process is gone)
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     pointer = home / "checkpoints" / "phase1" / "checkpoints" / "latest"
@@ -95,26 +96,27 @@ def same_number(a: float, b: float) -> bool:
 
 
 @pytest.mark.slow
-def test_sigkill_in_phase1_then_same_command_resumes_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+def test_sigkill_in_phase1_then_same_command_resumes_and_matches_an_uninterrupted_run(
+        tmp_path: Path, prefect_api: str) -> None:
     straight, crashed = tmp_path / "straight" / "home", tmp_path / "crashed" / "home"
     straight.parent.mkdir()
     crashed.parent.mkdir()
 
-    first = run(straight)
+    first = run(straight, prefect_api)
     assert first.returncode == 0, first.stderr[-4000:]
 
     # The same base for both homes (the build is seeded, but copying it makes the comparison about PPO alone).
     (base,) = (straight / "models").glob("embedded-*")
     shutil.copytree(base, crashed / "models" / base.name)
 
-    killed_at = kill_in_phase1(crashed)
+    killed_at = kill_in_phase1(crashed, prefect_api)
     assert 1 <= killed_at < STEPS, f"killed at step {killed_at}: not in the middle of phase 1"
     assert not (crashed / "checkpoints" / "phase1" / "final").exists()
     assert sorted(versions(crashed)) == ["1"], "only the base is registered before phase 1 ends"
     (interrupted,) = train_runs(crashed, "phase1")
     assert interrupted.info.status == "RUNNING"  # SIGKILL left it open; the resume must close it
 
-    second = run(crashed)
+    second = run(crashed, prefect_api)
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resumed PPO from" in second.stderr
     assert f"step-{killed_at:06d}" in second.stderr
