@@ -142,12 +142,12 @@ def prepare_base(cfg: PipelineConfig) -> dict[str, str]:
         return _version_info(existing)
     with _stage_run(cfg, "base"):
         if is_embedded(cfg.model):
-            model_dir = build_embedded_model(embedded_dir(cfg.model), cfg.model.embedded, cfg.prompt, seed=cfg.seed)
-            # TRL's SFTConfig trains in bf16 by default, and the Trainer leaves accelerate's
-            # process-wide AcceleratorState at mixed_precision="bf16": every later Accelerator() in
-            # this process (PPO in `concise-rl run`) would inherit it and train under bf16 autocast.
-            # accelerate has no public reset; its own tests use this one. PartialState (devices,
-            # process group) is kept.
+            model_dir = build_embedded_model(embedded_dir(cfg.model), cfg.model.embedded, cfg.prompt)
+            # An SFT in bf16 (model.embedded.sft_dtype) leaves accelerate's process-wide
+            # AcceleratorState at mixed_precision="bf16": every later Accelerator() in this process
+            # (PPO in `concise-rl run`) would inherit it and train under bf16 autocast. accelerate
+            # has no public reset; its own tests use this one. PartialState (devices, process
+            # group) is kept.
             AcceleratorState._reset_state(reset_partial_state=False)
         elif Path(source).expanduser().is_dir():
             model_dir = Path(source).expanduser()

@@ -27,6 +27,32 @@ def tiny_bf16_model_dir(tmp_path_factory) -> Path:
     return tiny_random_model(tmp_path_factory.mktemp("tiny-model-bf16"), dtype=torch.bfloat16)
 
 
+@pytest.fixture
+def mlflow_home(tmp_path, monkeypatch) -> Path:
+    """A temporary home for the sqlite MLflow store; MLflow's process-wide URIs are put back afterwards.
+
+    tracking.setup() sets the tracking and registry URIs globally (and in the
+    environment, for subprocesses); later tests must not inherit this test's store.
+    """
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("CONCISE_RL_HOME", str(home))
+    (home / "prefect").mkdir(parents=True)
+    monkeypatch.setenv("PREFECT_HOME", str(home / "prefect"))
+    return home
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One real Prefect server for the tests that run the pipeline many times (tests/prefect_server.py)."""

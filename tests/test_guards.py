@@ -18,7 +18,6 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 from test_registry_listing import trained_copy
-from test_store import mlflow_home  # noqa: F401  (fixture: a temporary home and MLflow's URIs put back)
 
 from concise_rl import cli
 from concise_rl.config import GuardConfig, ModelConfig, load_config
@@ -100,7 +99,7 @@ def latest(out: Path) -> Path:
 
 
 @pytest.fixture
-def before_guards(monkeypatch, mlflow_home: Path) -> dict[int, dict[str, torch.Tensor]]:  # noqa: F811
+def before_guards(monkeypatch, mlflow_home: Path) -> dict[int, dict[str, torch.Tensor]]:
     """{step: the newest checkpoint's weights when that step's metrics were logged}, i.e. just before
     the guards judged the step (a spy on the stage's MLflow logging; the real logging still runs)."""
     seen: dict[int, dict[str, torch.Tensor]] = {}
@@ -155,7 +154,7 @@ def assert_stopped(home: Path, err: str, before: dict, *, guard: str, step: int,
 
 
 def test_a_nan_loss_stops_the_phase_before_the_poisoned_weights_are_saved(
-        tiny_model_dir, tmp_path, mlflow_home, before_guards, capsys):  # noqa: F811
+        tiny_model_dir, tmp_path, mlflow_home, before_guards, capsys):
     # The real cause: a critic learning rate no run would survive. Step 1 updates the critic by
     # ~1e30 per weight; step 2's value estimates overflow and its losses are NaN or inf.
     problems = problems_file(tmp_path, generate_problems(4, seed=5, min_level=2, max_level=3))
@@ -169,7 +168,7 @@ def test_a_nan_loss_stops_the_phase_before_the_poisoned_weights_are_saved(
 
 
 def test_runaway_length_stops_the_phase_and_only_looser_guards_resume_it(
-        tiny_model_dir, tmp_path, mlflow_home, before_guards, capsys):  # noqa: F811
+        tiny_model_dir, tmp_path, mlflow_home, before_guards, capsys):
     # Two new tokens: every response is cut off, so the truncation rate is 1 at every step.
     problems = problems_file(tmp_path, generate_problems(4, seed=5, min_level=2, max_level=3))
     runaway = ["ppo.max_new_tokens=2", "ppo.guards.truncation_patience=2", "ppo.guards.reward_collapse_patience=null"]
@@ -205,7 +204,7 @@ def stop_file(home: Path) -> Path:
     return home / "checkpoints" / "phase1" / STOP_FILE
 
 
-def test_collapsed_rewards_stop_the_phase(tiny_model_dir, tmp_path, mlflow_home, before_guards, capsys):  # noqa: F811
+def test_collapsed_rewards_stop_the_phase(tiny_model_dir, tmp_path, mlflow_home, before_guards, capsys):
     # Answers no response can match: every reward is a penalty at every step.
     unreachable = [Problem(id=f"u{i}", prompt=f"What is {i} plus {i}?", answer=r"\text{no model says this}",
                            source="test") for i in range(4)]
@@ -219,7 +218,7 @@ def test_collapsed_rewards_stop_the_phase(tiny_model_dir, tmp_path, mlflow_home,
     assert "pick problems the model can solve" in err
 
 
-def test_the_gate_refuses_a_version_whose_run_a_guard_stopped(tiny_model_dir, tmp_path, mlflow_home):  # noqa: F811
+def test_the_gate_refuses_a_version_whose_run_a_guard_stopped(tiny_model_dir, tmp_path, mlflow_home):
     """Defence in depth: a stopped run is never registered, but if a version of one reaches the
     gate anyway (registered before its stop record was written), promote refuses it."""
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}"])

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_store import BUCKET, S3Server, free_port, mlflow_home, same_tree  # noqa: F401  (mlflow_home: fixture)
+from test_store import BUCKET, S3Server, free_port, same_tree
 
 from concise_rl import cli
 
@@ -81,7 +81,7 @@ class MlflowServer:
 
 
 @pytest.fixture
-def servers(tmp_path, monkeypatch, mlflow_home):  # noqa: F811
+def servers(tmp_path, monkeypatch, mlflow_home):
     """Both servers; this process keeps no AWS credentials and no S3 endpoint, so only the server reaches S3."""
     for name in list(os.environ):
         if name.startswith("AWS_") or name == "MLFLOW_S3_ENDPOINT_URL":
@@ -116,7 +116,7 @@ def bucket_objects(s3: S3Server) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_registration_through_an_mlflow_server_with_s3_artifacts(servers, tmp_path, tiny_model_dir, mlflow_home,  # noqa: F811
+def test_registration_through_an_mlflow_server_with_s3_artifacts(servers, tmp_path, tiny_model_dir, mlflow_home,
                                                                   capsys):
     from mlflow import MlflowClient
 

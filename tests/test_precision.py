@@ -118,3 +118,69 @@ def test_grpo_keeps_float32_weights_and_autocasts_in_model_dtype(tmp_path: Path)
     for dtype, bf16 in (("bfloat16", True), ("float32", False)):
         args = grpo_args(cfg, tmp_path, loss_type="grpo", model_cfg=ModelConfig(dtype=dtype), use_cpu=True)
         assert (args.bf16, args.fp16, args.model_init_kwargs) == (bf16, False, {"dtype": "float32"})
+
+
+# What each stage's forwards may run as, (autocast dtype or None, dtype of the module's weights),
+# given the two precision settings: the base's SFT follows model.embedded.sft_dtype (float32
+# weights, bf16 autocast or none); PPO follows model.dtype (float32 masters, with bf16 autocast
+# when model.dtype is bfloat16, and rollouts from a bf16 copy without autocast); everything else
+# runs the weights as loaded, in model.dtype, without autocast.
+def allowed(stage: str, sft_dtype: str, model_dtype: str) -> set[tuple[str | None, str]]:
+    if stage == "sft":
+        return {("bfloat16" if sft_dtype == "bfloat16" else None, "float32")}
+    if stage.startswith("train-") and model_dtype == "bfloat16":
+        return {("bfloat16", "float32"), (None, "bfloat16")}
+    return {(None, model_dtype)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sft_dtype", "model_dtype"), [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_no_stage_runs_under_autocast_it_did_not_ask_for(sft_dtype: str, model_dtype: str, mlflow_home: Path,
+                                                         monkeypatch) -> None:
+    """Every module forward of every stage, watched by a global hook: under autocast exactly where the
+    config asks for bf16, never inherited from a library's default or an earlier stage in the process."""
+    from collections import defaultdict
+
+    from concise_rl.config import load_config
+    from tasks import stages
+    from tests.test_pipeline_e2e import ROOT, TINY
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*TINY, f"model.embedded.sft_dtype={sft_dtype}",
+                                                       f"model.dtype={model_dtype}", "ppo.steps=1", "phase2.ppo.steps=1"])
+    current, seen = ["-"], defaultdict(set)
+
+    def watch(module, args):
+        # Leaf modules, where the arithmetic runs: accelerate applies autocast inside the wrapped
+        # forward of the top-level model, after its own pre-hooks have run.
+        weight = next(module.parameters(recurse=False), None)
+        if weight is None or next(module.children(), None) is not None:
+            return
+        autocast = str(torch.get_autocast_dtype("cpu")).removeprefix("torch.") if torch.is_autocast_enabled("cpu") else None
+        seen[current[0]].add((autocast, str(weight.dtype).removeprefix("torch.")))
+
+    def stage(name, fn, *args, **kwargs):
+        outer, current[0] = current[0], name
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            current[0] = outer
+
+    build = stages.build_embedded_model
+    monkeypatch.setattr(stages, "build_embedded_model", lambda *a, **k: stage("sft", build, *a, **k))
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(watch)
+    try:
+        base = stage("base", stages.prepare_base, cfg)
+        curated = stage("curate", stages.curate, cfg, base["uri"])
+        p1 = stage("train-phase1", stages.train_phase, cfg, "phase1", base["uri"], f"{curated}/phase1.jsonl")
+        v1 = stage("register", stages.register, cfg, "phase1", p1, base)
+        p2 = stage("train-phase2", stages.train_phase, cfg, "phase2", v1["uri"], f"{curated}/phase2.jsonl")
+        v2 = stage("register", stages.register, cfg, "phase2", p2, v1)
+        stage("evaluate", stages.evaluate, cfg, {"base": base, "phase1": v1, "phase2": v2})
+    finally:
+        handle.remove()
+    assert seen["sft"] and seen["train-phase1"] and seen["curate"] and seen["evaluate"], seen
+    for name, forwards in seen.items():  # registering the base or a phase may run no model at all
+        assert forwards <= allowed(name, sft_dtype, model_dtype), (name, forwards)
+    assert seen["sft"] == allowed("sft", sft_dtype, model_dtype), "the SFT ran in the precision it was given"
+    if model_dtype == "bfloat16":
+        assert ("bfloat16", "float32") in seen["train-phase1"], "PPO's forwards ran under the bf16 autocast asked for"

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_store import mlflow_home  # noqa: F401  (fixture: a temporary home and MLflow's URIs put back)
 
 from concise_rl import cli
 from concise_rl.config import load_config
@@ -37,7 +36,7 @@ def models_cli(capsys, sets: list[str], *extra: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_models_lists_versions_aliases_lineage_and_promoted_figures(tmp_path, tiny_model_dir, mlflow_home,  # noqa: F811
+def test_models_lists_versions_aliases_lineage_and_promoted_figures(tmp_path, tiny_model_dir, mlflow_home,
                                                                     capsys, monkeypatch):
     from tasks import stages
 
@@ -93,7 +92,7 @@ def test_models_lists_versions_aliases_lineage_and_promoted_figures(tmp_path, ti
     assert code == 2 and "no registered model 'nothing-here'" in err and "mlflow.db" in err
 
 
-def test_an_mlflow_server_that_does_not_answer_fails_at_once_in_one_line(mlflow_home, capsys):  # noqa: F811
+def test_an_mlflow_server_that_does_not_answer_fails_at_once_in_one_line(mlflow_home, capsys):
     """MLflow's client alone would retry a refused connection for about two minutes, then print a traceback."""
     import time
 

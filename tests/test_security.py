@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from test_store import BUCKET, make_checkpoint, mlflow_home, s3_server  # noqa: F401 - fixtures
+from test_store import BUCKET, make_checkpoint, s3_server  # noqa: F401 - s3_server: fixture
 
 from concise_rl.cli import EXIT_BAD_INPUT, main
 from concise_rl.config import ModelConfig, PipelineConfig, load_config
@@ -93,7 +93,7 @@ def _found_in(secret: str, roots: list[Path], texts: list[str]) -> list[str]:
     return where
 
 
-def test_no_secret_reaches_params_tags_artifacts_or_logs(s3_server, mlflow_home, tiny_model_dir, tmp_path,  # noqa: F811
+def test_no_secret_reaches_params_tags_artifacts_or_logs(s3_server, mlflow_home, tiny_model_dir, tmp_path,
                                                           monkeypatch, caplog, capsys):
     """A real stage run against S3 (rclone) with credentials planted where they would be picked up,
     then every byte it left (the MLflow database, artifact folders, the bucket) and every log line is scanned."""
@@ -127,7 +127,7 @@ def test_no_secret_reaches_params_tags_artifacts_or_logs(s3_server, mlflow_home,
         assert _found_in(secret, roots, texts) == [], f"secret {secret[:6]}... leaked"
 
 
-def test_credentials_in_urls_are_left_out_of_the_logged_params(mlflow_home):  # noqa: F811
+def test_credentials_in_urls_are_left_out_of_the_logged_params(mlflow_home):
     from mlflow import MlflowClient
 
     from tasks import tracking

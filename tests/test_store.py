@@ -378,32 +378,6 @@ def test_local_store_round_trip_and_refusals(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- registration
-@pytest.fixture
-def mlflow_home(tmp_path, monkeypatch) -> Path:
-    """A temporary home for the sqlite MLflow store; MLflow's process-wide URIs are put back afterwards.
-
-    tracking.setup() sets the tracking and registry URIs globally (and in the
-    environment, for subprocesses); later tests must not inherit this test's store.
-    """
-    from mlflow.tracking import fluent
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
-    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
-    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-        if name in os.environ:
-            monkeypatch.setenv(name, os.environ[name])
-        else:
-            monkeypatch.delenv(name, raising=False)
-    home = tmp_path / "home"
-    monkeypatch.setenv("CONCISE_RL_HOME", str(home))
-    (home / "prefect").mkdir(parents=True)
-    monkeypatch.setenv("PREFECT_HOME", str(home / "prefect"))
-    return home
-
-
 def test_registered_versions_carry_lineage_and_a_verified_checkpoint(s3_server, tmp_path, tiny_model_dir, mlflow_home):
     from mlflow import MlflowClient
 
@@ -649,7 +623,8 @@ def test_train_phase_raises_the_last_upload_error_only_when_training_succeeded(c
 def test_a_moved_home_finds_its_base_version_again(tmp_path, mlflow_home, monkeypatch):
     """The embedded base is keyed on its folder name: a copied or re-mounted home registers it once, not twice.
 
-    Building it also must not leave accelerate in bf16 for the PPO that follows in the same process.
+    Building it also must not leave accelerate in bf16 for the PPO that follows in the same process
+    (tests/test_precision.py watches every stage's forwards for that).
     """
     from mlflow import MlflowClient
 
@@ -660,7 +635,7 @@ def test_a_moved_home_finds_its_base_version_again(tmp_path, mlflow_home, monkey
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [t for t in TINY if t.startswith("model.")])
     assert stages.prepare_base(cfg)["version"] == "1"
-    # Building the base ran TRL's SFT (bf16) in this process; PPO after it must still run in float32.
+    # Building the base ran its SFT under bf16 autocast in this process; PPO after it must still run in float32.
     assert stages.accelerator(cfg).mixed_precision == "no"
     moved = tmp_path / "moved"
     shutil.copytree(mlflow_home, moved)

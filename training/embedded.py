@@ -134,9 +134,7 @@ def _render(row: dict) -> str:
     return f"{turns}assistant\n{row['completion'][0]['content']}"
 
 
-def build_embedded_model(
-    out_dir: Path, cfg: EmbeddedModelConfig, prompt: PromptConfig, seed: int = 0
-) -> Path:
+def build_embedded_model(out_dir: Path, cfg: EmbeddedModelConfig, prompt: PromptConfig) -> Path:
     """Build, train and save the embedded base model; a no-op when it already exists.
 
     Written to a temporary folder and renamed at the end, so a crash never leaves a
@@ -147,6 +145,7 @@ def build_embedded_model(
         return out_dir
     from trl import SFTConfig, SFTTrainer
 
+    seed = cfg.sft_seed
     torch.manual_seed(seed)
     rows = _sft_examples(cfg, prompt, seed)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -181,11 +180,17 @@ def build_embedded_model(
         # Batches of similar length waste little compute on padding.
         train_sampling_strategy="group_by_length",
         weight_decay=0.0,
+        # Stated, never inherited (SFTConfig defaults to bf16=True): float32, or bf16 autocast
+        # over float32 weights, as model.embedded.sft_dtype says. bf16 is about 9x slower on a
+        # CPU without native bf16 (docs/log/2026-12-06-fp32-sft.md).
+        bf16=cfg.sft_dtype == "bfloat16",
+        fp16=False,
         logging_steps=20,
         save_strategy="no",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         seed=seed,
+        data_seed=seed,
         max_length=cfg.max_position_embeddings,
         dataloader_num_workers=0,
         disable_tqdm=False,

@@ -1,0 +1,196 @@
+"""The whole recipe over seeds: is the demo's effect a property of the recipe or of one draw?
+
+Runs ``concise-rl run`` once per seed, each in its own home (own registry, own checkpoints):
+
+- one run per SFT seed (``model.embedded.sft_seed``): a new base each, then curation, both
+  PPO phases, evaluation and the gate, all at RL seed ``--rl-seeds[0]``;
+- one run per further RL seed (``ppo.seed``) from the base of the first SFT seed, whose
+  built model folder is copied into the new home, so only RL differs.
+
+Writes ``seeds.json`` and ``seeds.md`` to ``--out``: per run, the held-out accuracy and mean
+length of the base, phase 1 and phase 2 at each temperature, phase 2's length cut against
+phase 1 and the paired accuracy change with its 95% CI (the gate's own comparison), and
+whether the run meets the targets; then mean, min and max over runs. Each run's log is kept
+in its home, and the tables are rewritten after every run; run the same command again after
+an interruption and the finished runs are not repeated. A run takes as long as `make demo`.
+
+    python -m bench.seeds [--config configs/demo.yaml] [--sft-seeds 0 1 2] [--rl-seeds 0 1 2]
+                          [--out bench/results/seeds] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The targets every seed must meet (issue 19): held-out length cut at both temperatures, mean
+# accuracy change and the lower bound of its paired 95% CI, in points.
+MIN_CUT_PCT, MIN_CHANGE_PTS, MIN_CI_LOW_PTS = 40.0, -1.0, -3.0
+TARGETS = (f"length cut >= {MIN_CUT_PCT:.0f}% at every temperature, accuracy change >= {MIN_CHANGE_PTS:+.0f} point, "
+           f"CI lower bound >= {MIN_CI_LOW_PTS:+.0f} points")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_pipeline(config: Path, home: Path, changes: list[str]) -> tuple[int, float]:
+    """One ``concise-rl run`` in ``home``; its exit code (0 promoted, 3 refused by the gate) and wall time.
+
+    A run that finished before (``run.json`` in its home, same changes) is not run again, so an
+    interrupted bench picks up where it stopped.
+    """
+    record = home / "run.json"
+    if record.is_file():
+        done = json.loads(record.read_text())
+        if done["changes"] == changes:
+            return done["exit"], done["seconds"]
+    home.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "concise_rl.cli", "run", "--config", str(config)]
+    for change in changes:
+        args += ["--set", change]
+    env = {**os.environ, "CONCISE_RL_HOME": str(home), "PREFECT_HOME": str(home / "prefect")}
+    start = time.monotonic()
+    with open(home / "run.log", "w") as log:
+        code = subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.monotonic() - start
+    if code in (0, 3):
+        record.write_text(json.dumps({"changes": changes, "exit": code, "seconds": seconds}))
+    return code, seconds
+
+
+def row_of(label: str, summary: dict, set_name: str, code: int, seconds: float) -> dict:
+    """The figures of one run on ``set_name``, from its summary.json."""
+    row: dict = {"run": label, "exit": code, "minutes": round(seconds / 60, 1), "promoted": summary["promoted"]}
+    temps = sorted(summary["models"]["phase2"]["eval"][set_name], key=float)
+    for model in ("base", "phase1", "phase2"):
+        for t in temps:
+            m = summary["models"][model]["eval"][set_name][t]
+            row[f"{model}_acc@{t}"] = 100 * m["accuracy"]
+            row[f"{model}_len@{t}"] = m["mean_length"]
+    gate = {c["name"]: c for c in summary["gate"]["criteria"]}
+    meets = True
+    for t in temps:
+        row[f"cut@{t}"] = summary["length_reduction_pct"][set_name][t]
+        change = gate.get(f"{set_name}@T={t} accuracy change, 95% CI lower bound")
+        if change is None:
+            raise SystemExit(f"bench.seeds: the gate of run {label} has no accuracy criterion for {set_name}@T={t}; "
+                             f"add {set_name!r} to gate.sets")
+        row[f"change@{t}"] = 100 * change["difference"]
+        row[f"ci_low@{t}"], row[f"ci_high@{t}"] = (100 * x for x in change["ci"])
+        meets &= (row[f"cut@{t}"] >= MIN_CUT_PCT and row[f"change@{t}"] >= MIN_CHANGE_PTS
+                  and row[f"ci_low@{t}"] >= MIN_CI_LOW_PTS)
+    row["meets_targets"] = meets
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    temps = sorted({k.split("@")[1] for k in rows[0] if k.startswith("cut@")}, key=float)
+    head = ["run", "exit", "min"]
+    for model in ("base", "phase1", "phase2"):
+        head += [f"{model} acc / len T={t}" for t in temps]
+    head += [f"cut T={t}" for t in temps] + [f"acc change [95% CI] T={t}" for t in temps] + ["targets"]
+
+    def cells(r: dict) -> list[str]:
+        out = [r["run"], str(r["exit"]), f"{r['minutes']:.1f}"]
+        for model in ("base", "phase1", "phase2"):
+            out += [f"{r[f'{model}_acc@{t}']:.1f}% / {r[f'{model}_len@{t}']:.0f}" for t in temps]
+        out += [f"{r[f'cut@{t}']:.1f}%" for t in temps]
+        out += [f"{r[f'change@{t}']:+.1f} [{r[f'ci_low@{t}']:+.1f}, {r[f'ci_high@{t}']:+.1f}]" for t in temps]
+        return [*out, "met" if r["meets_targets"] else "**missed**"]
+
+    def stat_cells(name: str, fn) -> list[str]:
+        out = [name, "", f"{fn([r['minutes'] for r in rows]):.1f}"]
+        for model in ("base", "phase1", "phase2"):
+            out += [f"{fn([r[f'{model}_acc@{t}'] for r in rows]):.1f}% / {fn([r[f'{model}_len@{t}'] for r in rows]):.0f}"
+                    for t in temps]
+        out += [f"{fn([r[f'cut@{t}'] for r in rows]):.1f}%" for t in temps]
+        out += [f"{fn([r[f'change@{t}'] for r in rows]):+.1f} [{fn([r[f'ci_low@{t}'] for r in rows]):+.1f}, "
+                f"{fn([r[f'ci_high@{t}'] for r in rows]):+.1f}]" for t in temps]
+        return [*out, f"{sum(r['meets_targets'] for r in rows)}/{len(rows)} met" if name == "mean" else ""]
+
+    lines = [f"# Seeds: {meta['config']} on the {meta['set']} set", "",
+             f"{meta['date']}, {meta['cpu']} ({meta['cores']} cores), Python {meta['python']}, "
+             f"torch {meta['torch']}, transformers {meta['transformers']}; `{meta['command']}`.", "",
+             "Accuracy and mean length (tokens) of each model; the cut and the paired accuracy change are "
+             f"phase 2 against phase 1, as the gate compares them. Targets: {TARGETS}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    for name, fn in (("mean", statistics.fmean), ("min", min), ("max", max)):
+        lines.append("| " + " | ".join(stat_cells(name, fn)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--sft-seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
+                        help="model.embedded.sft_seed of each base (default 0 1 2)")
+    parser.add_argument("--rl-seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
+                        help="ppo.seed: the first goes with every base, the others run on the first base (0 1 2)")
+    parser.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config change applied to every run, as for concise-rl run")
+    parser.add_argument("--eval-set", default="heldout", help="the evaluation set the table reports (heldout)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "seeds",
+                        help="folder for the runs' homes, seeds.json and seeds.md (bench/results/seeds)")
+    args = parser.parse_args(argv)
+    if not args.config.is_file():
+        parser.error(f"--config {args.config} does not exist")
+
+    runs = [(f"sft {s}, rl {args.rl_seeds[0]}", s, args.rl_seeds[0]) for s in args.sft_seeds]
+    runs += [(f"sft {args.sft_seeds[0]}, rl {r}", args.sft_seeds[0], r) for r in args.rl_seeds[1:]]
+    rows = []
+    first_home = args.out / f"sft{args.sft_seeds[0]}-rl{args.rl_seeds[0]}"
+    for label, sft, rl in runs:
+        home = args.out / f"sft{sft}-rl{rl}"
+        if home != first_home and sft == args.sft_seeds[0]:  # the first base, built once
+            built = sorted((first_home / "models").glob("embedded-*"))
+            for folder in built:
+                if not (home / "models" / folder.name).exists():
+                    shutil.copytree(folder, home / "models" / folder.name)
+        print(f"[{datetime.now(UTC):%H:%M:%S}] {label}: running in {home}", flush=True)
+        code, seconds = run_pipeline(args.config, home, [*args.changes, f"model.embedded.sft_seed={sft}",
+                                                          f"ppo.seed={rl}"])
+        if code not in (0, 3):
+            raise SystemExit(f"bench.seeds: run {label} failed with exit code {code}; see {home / 'run.log'}")
+        summary = json.loads((home / "reports" / "latest" / "summary.json").read_text())
+        rows.append(row_of(label, summary, args.eval_set, code, seconds))
+        print(f"[{datetime.now(UTC):%H:%M:%S}] {label}: done in {seconds / 60:.1f} min, "
+              f"targets {'met' if rows[-1]['meets_targets'] else 'missed'}", flush=True)
+        table = write_tables(args, rows, argv)  # after every run: a stopped bench keeps what it measured
+    print(table)
+
+
+def write_tables(args: argparse.Namespace, rows: list[dict], argv: list[str] | None) -> str:
+    import torch
+    import transformers
+
+    meta = {"config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
+            "set": args.eval_set, "date": f"{datetime.now(UTC):%Y-%m-%d}", "cpu": cpu_model(),
+            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "command": "python -m bench.seeds " + " ".join(argv or sys.argv[1:])}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "seeds.json").write_text(json.dumps({"meta": meta, "targets": TARGETS, "runs": rows}, indent=2))
+    table = markdown(rows, meta)
+    (args.out / "seeds.md").write_text(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
