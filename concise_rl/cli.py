@@ -740,46 +740,48 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in PREFECT_COMMANDS:
         from concise_rl.deploy import DeployError
 
-        try:
-            return PREFECT_COMMANDS[args.command](args)
-        except (ConfigError, LookupError) as exc:
-            print(f"concise-rl {args.command}: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except DeployError as exc:
-            print(f"concise-rl {args.command}: {exc}", file=sys.stderr)
-            return 1
+        failures = [((ConfigError, LookupError), EXIT_BAD_INPUT, "", ""), (DeployError, 1, "", "")]
+        return _run_reporting(args.command, failures, lambda: PREFECT_COMMANDS[args.command](args))
 
-    bad_input = (ConfigError, ProblemLoadError, ModelLoadError, CurationError, LookupError, FileNotFoundError)
-    try:
+    # What each failure prints and exits with, in order (the first type that matches wins). Each
+    # message already names what went wrong and what to do; this adds the command and a context.
+    failures = [
+        ((ConfigError, ProblemLoadError, ModelLoadError, CurationError, LookupError, FileNotFoundError),
+         EXIT_BAD_INPUT, "", ""),
+        (RegistryBusyError, EXIT_BUSY, "", ""),
+        (StoreError, 1, "artifact store: ", ""),  # unreachable, or holds a bad copy
+        (TrackingServerError, 1, "tracking server: ", ""),  # registry.tracking_uri does not answer
+        (DiskFullError, 1, "", ""),  # names the folder and what to free
+        # names the guard, step, value, threshold and kept checkpoint
+        (TrainingGuardError, EXIT_TRAINING_STOPPED, "", " Nothing was promoted; 'champion' is unchanged."),
+        (KeyboardInterrupt, 130, "interrupted; finished stages and the last checkpoint are kept, run again to resume",
+         ""),
+    ]
+
+    def command() -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command != "grade":
             from evaluation import grader
 
             grader.configure(cfg.grader.workers, cfg.grader.timeout_s)
         return COMMANDS[args.command](args, cfg)
-    except bad_input as exc:
-        print(f"concise-rl {args.command}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RegistryBusyError as exc:
-        print(f"concise-rl {args.command}: {exc}", file=sys.stderr)
-        return EXIT_BUSY
-    except StoreError as exc:  # the store is unreachable or holds a bad copy: its message says what to check
-        print(f"concise-rl {args.command}: artifact store: {exc}", file=sys.stderr)
-        return 1
-    except TrackingServerError as exc:  # registry.tracking_uri names a server that does not answer
-        print(f"concise-rl {args.command}: tracking server: {exc}", file=sys.stderr)
-        return 1
-    except DiskFullError as exc:  # a checkpoint did not fit: the message names the folder and what to free
-        print(f"concise-rl {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except TrainingGuardError as exc:  # the message names the guard, step, value, threshold and kept checkpoint
-        print(f"concise-rl {args.command}: {exc} Nothing was promoted; 'champion' is unchanged.",
-              file=sys.stderr)
-        return EXIT_TRAINING_STOPPED
-    except KeyboardInterrupt:
-        print("concise-rl: interrupted; finished stages and the last checkpoint are kept, run again to resume",
-              file=sys.stderr)
-        return 130
+
+    return _run_reporting(args.command, failures, command)
+
+
+def _run_reporting(name: str, failures: list[tuple[type | tuple[type, ...], int, str, str]], command) -> int:
+    """Run ``command``; a failure listed in ``failures`` prints one line to stderr and returns its exit code.
+
+    Anything else (SystemExit from SIGTERM included) propagates.
+    """
+    try:
+        return command()
+    except BaseException as exc:
+        for types, code, prefix, suffix in failures:
+            if isinstance(exc, types):
+                print(f"concise-rl {name}: {prefix}{exc}{suffix}", file=sys.stderr)
+                return code
+        raise
 
 
 if __name__ == "__main__":
