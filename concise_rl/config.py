@@ -246,7 +246,7 @@ class PPOConfig(_Strict):
         description="train only the policy's top N decoder layers, its final norm and (when not tied to "
         "the embeddings) its output head; the embeddings and lower layers stay frozen. None trains every "
         "weight, as the paper did. Phase 2 fits a handful of problems, and on a small model updating every "
-        "layer overwrites skills that other problems need (BENCHMARKS.md)",
+        "layer overwrites skills that other problems need (docs/log/2026-11-27-recheck-base.md)",
     )
     loss_agg_mode: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     rollout_logprobs: Literal["auto", "reuse", "recompute"] = Field(

@@ -22,7 +22,7 @@ it neither fixes nor causes a wrong answer: accuracy lives in the first pass, wh
 RL on hard problems can improve it directly, and the re-check is pure length.
 (An earlier design redid the whole chain *before* the answer; the redo copied the
 first pass's slips and added its own, so accuracy-seeking RL in phase 1 dropped it,
-doing phase 2's work: BENCHMARKS.md, "Twelve more phase-1 runs".)
+doing phase 2's work: docs/log/2026-11-27-demo-recipe.md, "Twelve more phase-1 runs".)
 """
 
 from __future__ import annotations
