@@ -139,7 +139,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
+                        help="the pipeline config every run starts from (configs/demo.yaml)")
     parser.add_argument("--sft-seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
                         help="model.embedded.sft_seed of each base (default 0 1 2)")
     parser.add_argument("--rl-seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
