@@ -107,23 +107,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         head += [f"{model} acc / len T={t}" for t in temps]
     head += [f"cut T={t}" for t in temps] + [f"acc change [95% CI] T={t}" for t in temps] + ["targets"]
 
-    def cells(r: dict) -> list[str]:
+    def cells(r: dict, targets: str) -> list[str]:
         out = [r["run"], str(r["exit"]), f"{r['minutes']:.1f}"]
         for model in ("base", "phase1", "phase2"):
             out += [f"{r[f'{model}_acc@{t}']:.1f}% / {r[f'{model}_len@{t}']:.0f}" for t in temps]
         out += [f"{r[f'cut@{t}']:.1f}%" for t in temps]
         out += [f"{r[f'change@{t}']:+.1f} [{r[f'ci_low@{t}']:+.1f}, {r[f'ci_high@{t}']:+.1f}]" for t in temps]
-        return [*out, "met" if r["meets_targets"] else "**missed**"]
+        return [*out, targets]
 
-    def stat_cells(name: str, fn) -> list[str]:
-        out = [name, "", f"{fn([r['minutes'] for r in rows]):.1f}"]
-        for model in ("base", "phase1", "phase2"):
-            out += [f"{fn([r[f'{model}_acc@{t}'] for r in rows]):.1f}% / {fn([r[f'{model}_len@{t}'] for r in rows]):.0f}"
-                    for t in temps]
-        out += [f"{fn([r[f'cut@{t}'] for r in rows]):.1f}%" for t in temps]
-        out += [f"{fn([r[f'change@{t}'] for r in rows]):+.1f} [{fn([r[f'ci_low@{t}'] for r in rows]):+.1f}, "
-                f"{fn([r[f'ci_high@{t}'] for r in rows]):+.1f}]" for t in temps]
-        return [*out, f"{sum(r['meets_targets'] for r in rows)}/{len(rows)} met" if name == "mean" else ""]
+    # mean, min and max of every figure, formatted as a run's row is
+    figures = [k for k in rows[0] if "@" in k] + ["minutes"]
+    stats = [{"run": name, "exit": "", **{k: fn([r[k] for r in rows]) for k in figures}}
+             for name, fn in (("mean", statistics.fmean), ("min", min), ("max", max))]
+    met = f"{sum(r['meets_targets'] for r in rows)}/{len(rows)} met"
 
     lines = [f"# Seeds: {meta['config']} on the {meta['set']} set", "",
              f"{meta['date']}, {meta['cpu']} ({meta['cores']} cores), Python {meta['python']}, "
@@ -131,9 +127,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "Accuracy and mean length (tokens) of each model; the cut and the paired accuracy change are "
              f"phase 2 against phase 1, as the gate compares them. Targets: {TARGETS}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
-    for name, fn in (("mean", statistics.fmean), ("min", min), ("max", max)):
-        lines.append("| " + " | ".join(stat_cells(name, fn)) + " |")
+    lines += ["| " + " | ".join(cells(r, "met" if r["meets_targets"] else "**missed**")) + " |" for r in rows]
+    lines += ["| " + " | ".join(cells(r, met if r["run"] == "mean" else "")) + " |" for r in stats]
     return "\n".join(lines) + "\n"
 
 

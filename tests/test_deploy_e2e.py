@@ -25,7 +25,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from prefect_server import free_port, spawn, stop, wait_healthy  # tests/, on the path
+from prefect_server import spawn, start_server, stop  # tests/, on the path
 from tests.test_pipeline_e2e import MODEL, TINY, alias, versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,15 +43,11 @@ def processes():
 
 @pytest.mark.slow
 def test_ci_retrain_runs_the_deployment_on_a_worker_and_registers_with_the_sha(tmp_path: Path, processes) -> None:
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
+    api = start_server(processes, tmp_path)  # its state in tmp_path/prefect, its log in tmp_path/server.log
     home = tmp_path / "home"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
            "CONCISE_RL_HOME": str(home), "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
-    server = spawn(processes, [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env, tmp_path / "server.log")
-    wait_healthy(api, server, tmp_path / "server.log")
 
     # The project's deployments, the retraining one pointed at the shrunk demo config.
     project = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
