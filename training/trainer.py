@@ -1,4 +1,4 @@
-"""The PPO loop: rollout, score, advantages, clipped updates, checkpoints.
+"""The PPO loop: rollout, score, advantages, clipped updates; checkpoints through training/checkpoint.py.
 
 Run through accelerate so the same code runs in one process on a CPU, data-parallel
 over N processes (DDP), and under DeepSpeed ZeRO-2/3. The policy and the critic each
@@ -17,13 +17,11 @@ processes make the update one process would make on the same rollouts.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,15 +32,15 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig, stable_hash
-from concise_rl.errors import DiskFullError, TrainingGuardError
+from concise_rl.errors import TrainingGuardError
 from concise_rl.problems import Problem, problems_hash
 from evaluation.grader import Grade
 from training import guards, ppo
+from training.checkpoint import Checkpointer, Models
 from training.generation import Generation, check_prompt_lengths, generate
 from training.models import Critic, format_prompt, freeze_all_but_top_layers, load_policy, load_tokenizer
 from training.precision import training_precision
@@ -56,9 +54,6 @@ Scorer = Callable[[list[str], list[str]], tuple[list[Grade], list[float]]]
 # Process r of N samples with seed + r * RANK_SEED_STRIDE, so processes draw different responses
 # (process 0, and a single process, keep the seed as it is).
 RANK_SEED_STRIDE = 1_000_003
-# A write that failed while the disk had less than this free is taken for a full disk: torch.save and
-# safetensors report a short write without the OS error (ENOSPC) behind it.
-NEARLY_FULL_BYTES = 1024 * 1024
 
 
 def zero_stage(accelerator: Accelerator) -> int | None:
@@ -155,10 +150,7 @@ class PPOTrainer:
         self.problems = problems
         self.policy_path = policy_path
         self.out_dir = Path(out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
         self.on_step = on_step
-        self.on_checkpoint = on_checkpoint
-        self.keep_checkpoints = keep_checkpoints
         self.accelerator = accelerator or Accelerator()
         self.world = self.accelerator.num_processes
         self._check_divides_across_processes()
@@ -188,6 +180,12 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(policy_path, trust_remote_code=model_cfg.trust_remote_code, prompt=prompt_cfg)
         self.prompts = [format_prompt(p.prompt, self.tokenizer, prompt_cfg) for p in problems]
         check_prompt_lengths(self.tokenizer, self.prompts, [p.id for p in problems], prompt_cfg.max_prompt_tokens)
+        self.checkpointer = Checkpointer(
+            self.out_dir, self.accelerator, run_key=self.run_key, base_policy=str(policy_path),
+            problems_hash=self.problems_hash, tokenizer=self.tokenizer, precision=self.precision, zero=self._zero,
+            keep=keep_checkpoints, on_checkpoint=on_checkpoint,
+        )
+        self.ckpt_dir = self.checkpointer.ckpt_dir
         self._history: list[dict] = []  # metrics rows of the steps so far (resumed ones too), for the guards
 
     def _check_divides_across_processes(self) -> None:
@@ -264,6 +262,9 @@ class PPOTrainer:
         # The trainer marks the end of each mini-batch itself (_backward), however many micro-batches it had.
         ds["gradient_accumulation_steps"] = 1
         ds["train_batch_size"] = "auto"  # accelerate fills it in: micro-batch x processes
+
+    def _models(self) -> Models:
+        return Models(self.policy, self.critic, self.opt_actor, self.opt_critic, self.sched_actor, self.sched_critic)
 
     def _minibatches_per_epoch(self) -> int:
         return self.cfg.prompts_per_step * self.cfg.samples_per_prompt // self.cfg.mini_batch_size
@@ -603,7 +604,7 @@ class PPOTrainer:
         The step that tripped is never checkpointed, so the ``latest`` checkpoint is the
         last good one; for a non-finite step that also keeps the poisoned weights off disk.
         """
-        latest = self._latest_checkpoint()
+        latest = self.checkpointer.latest()
         if latest is not None:
             kept_step = json.loads((latest / "trainer_state.json").read_text())["step"]
             kept = f"Kept the last good checkpoint {latest} (step {kept_step}); nothing after it was saved"
@@ -659,22 +660,13 @@ class PPOTrainer:
     # ----------------------------------------------------------------- loop
     def finished(self) -> Path | None:
         """The final policy dir if this exact run (same start, data, settings) already completed."""
-        final = self.out_dir / "final"
-        state = self._read_state(final / "trainer_state.json")
-        if state and state.get("run_key") == self.run_key and state.get("step") == self.cfg.steps:
-            # A run a guard stopped never writes final/; a record next to one still wins.
-            return final if self.stop_record() is None else None
-        return None
-
-    def _own_checkpoint(self) -> tuple[Path, dict] | None:
-        """This run's last checkpoint and its state, if ``latest`` points at one of this run's."""
-        latest = self._latest_checkpoint()
-        state = self._read_state(latest / "trainer_state.json") if latest else None
-        return (latest, state) if state and state.get("run_key") == self.run_key else None
+        final = self.checkpointer.finished(self.cfg.steps)
+        # A run a guard stopped never writes final/; a record next to one still wins.
+        return final if final is not None and self.stop_record() is None else None
 
     def resumable_step(self) -> int | None:
         """The step of this run's last checkpoint, if there is one to resume from (else None)."""
-        own = self._own_checkpoint()
+        own = self.checkpointer.own()
         return int(own[1]["step"]) if own else None
 
     def train(self) -> Path:
@@ -689,7 +681,7 @@ class PPOTrainer:
             return done
         self.raise_if_stopped()
         self._build()
-        self._resume_or_reset()
+        self.step, self._history = self.checkpointer.resume_or_reset(self._models())
         acc = self.accelerator
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"PPO {self.out_dir.name}", unit="step",
                    disable=not acc.is_main_process)
@@ -709,7 +701,7 @@ class PPOTrainer:
             }
             self.step += 1
             if acc.is_main_process:
-                self._append_metrics(metrics)
+                self.checkpointer.append_metrics(self.step, metrics)
             if self.on_step:
                 self.on_step(self.step, metrics)
             try:
@@ -721,287 +713,6 @@ class PPOTrainer:
             bar.set_postfix(acc=f"{metrics['accuracy']:.2f}", len=f"{metrics['response_length']:.0f}",
                             kl=f"{metrics['kl']:.3f}")
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
-                self.save_checkpoint()
+                self.checkpointer.save(self.step, self._models())
         bar.close()
-        return self._save_final(self.out_dir / "final")
-
-    # ----------------------------------------------------------------- state
-    @staticmethod
-    def _read_state(path: Path) -> dict | None:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-
-    def _latest_checkpoint(self) -> Path | None:
-        pointer = self.ckpt_dir / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.ckpt_dir / pointer.read_text().strip()
-        return path if (path / "trainer_state.json").is_file() else None
-
-    def _resume_or_reset(self) -> None:
-        acc = self.accelerator
-        own = self._own_checkpoint()
-        resume, latest = own is not None, own[0] if own else None
-        if self.world > 1:  # the main process decides for all, so none starts afresh while others resume
-            resume, latest = broadcast_object_list([resume, latest])
-        if resume:
-            self.load_checkpoint(latest)
-            log.info("resumed PPO from %s at step %d", latest, self.step)
-            acc.wait_for_everyone()
-            # The guards count streaks across the interruption, as if the run had not stopped.
-            rows = self._read_metrics()
-            self._history = [r for r in rows if r["step"] <= self.step]
-            return
-        self._history = []
-        if acc.is_main_process:
-            if self.out_dir.exists():
-                log.info("starting %s afresh: its checkpoints belong to another run", self.out_dir)
-                shutil.rmtree(self.out_dir)
-            self.out_dir.mkdir(parents=True)
-        acc.wait_for_everyone()
-
-    def _read_metrics(self) -> list[dict]:
-        path = self.out_dir / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def _append_metrics(self, metrics: dict[str, float]) -> None:
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-
-    def save_checkpoint(self) -> Path:
-        """Write everything needed to resume; the ``latest`` pointer moves only once it is complete.
-
-        The main process writes it (DeepSpeed: every process writes its optimizer shard too).
-        """
-        acc = self.accelerator
-        name = f"step-{self.step:06d}"
-        path = self.ckpt_dir / name
-        tmp = self.ckpt_dir / f"{name}.tmp"
-        pointer_tmp = self.ckpt_dir / "latest.tmp"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            with self._writing(name, tmp):
-                tmp.mkdir(parents=True)
-        policy_state = critic_state = None
-        if self._zero is not None:
-            acc.wait_for_everyone()  # the folder exists before any process writes to it
-            for tag, engine in (("actor", self.policy), ("critic", self.critic)):
-                engine.save_checkpoint(str(tmp / "deepspeed"), tag=tag, save_latest=False)
-            policy_state, critic_state = acc.get_state_dict(self.policy), acc.get_state_dict(self.critic)
-        if acc.is_main_process:
-            with self._writing(name, tmp, pointer_tmp):
-                self._save_policy(tmp / "policy", policy_state)
-                self.tokenizer.save_pretrained(tmp / "policy")
-                if critic_state is None:
-                    acc.unwrap_model(self.critic).save(tmp / "critic.safetensors")
-                else:
-                    save_file({k: v.contiguous() for k, v in critic_state.items()}, str(tmp / "critic.safetensors"))
-                # Under DeepSpeed the optimizer states are in deepspeed/ (one shard per process).
-                optim = {} if self._zero is not None else {
-                    "opt_actor": self.opt_actor.state_dict(), "opt_critic": self.opt_critic.state_dict()
-                }
-                optim |= {"sched_actor": self.sched_actor.state_dict(), "sched_critic": self.sched_critic.state_dict()}
-                torch.save(optim, tmp / "optim.pt")
-                torch.save(
-                    {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                    tmp / "rng.pt",
-                )
-                metrics = self.out_dir / "metrics.jsonl"
-                if metrics.is_file():  # the history so far: a checkpoint copied to a new machine carries it
-                    shutil.copy(metrics, tmp / "metrics.jsonl")
-                (tmp / "trainer_state.json").write_text(
-                    json.dumps({"step": self.step, "run_key": self.run_key, "base_policy": str(self.policy_path)})
-                )
-                pointer_tmp.write_text(name)
-            # Renames only from here on: nothing more to write, so a full disk cannot stop them halfway.
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-            os.replace(pointer_tmp, self.ckpt_dir / "latest")
-            self._prune_checkpoints()
-            log.info("checkpoint %s written", path)
-            if self.on_checkpoint:
-                self.on_checkpoint(path)
-        acc.wait_for_everyone()
-        return path
-
-    @contextlib.contextmanager
-    def _writing(self, what: str, folder: Path, *leftovers: Path) -> Iterator[None]:
-        """Write ``what`` into ``folder``; if that fails, remove it (and ``leftovers``) so no half-written
-        folder is left, and report a full disk as :class:`DiskFullError`."""
-        try:
-            yield
-        except BaseException as exc:
-            free = free_bytes(self.ckpt_dir)  # before the partial folder is removed and frees its space
-            written = tree_bytes(folder)
-            shutil.rmtree(folder, ignore_errors=True)
-            for path in leftovers:
-                path.unlink(missing_ok=True)
-            if isinstance(exc, Exception) and out_of_space(exc, free):
-                raise DiskFullError(self._disk_full_message(what, folder, free, written)) from exc
-            raise
-
-    def _disk_full_message(self, what: str, folder: Path, free: int | None, written: int) -> str:
-        latest = self._latest_checkpoint()
-        need = tree_bytes(latest) if latest else None
-        text = (f"no space left on the disk of {self.ckpt_dir} to write {what} ({folder}): "
-                f"{human_bytes(written)} written when it failed, {human_bytes(free)} free")
-        if latest is None:
-            return (f"{text}. The partial folder was removed (no checkpoint of this run exists yet). Free space "
-                    f"on that disk or point CONCISE_RL_HOME at a larger one, and run the same command again")
-        return (f"{text}; the last checkpoint takes {human_bytes(need)}. The partial folder was removed; "
-                f"{latest.name} is intact and `latest` still points at it. Free at least {human_bytes(need)} on "
-                f"that disk (or point CONCISE_RL_HOME at a larger one) and run the same command again: it resumes "
-                f"from {latest.name}")
-
-    def _save_policy(self, out: Path, state: dict[str, torch.Tensor] | None, *, final: bool = False) -> None:
-        """The policy in Hugging Face format; ``state``: its full weights where they are sharded (ZeRO-3).
-
-        Checkpoints keep the float32 master weights, so a resumed run continues exactly; the
-        ``final`` policy, which is registered and starts the next phase, is saved in model.dtype,
-        as the base model was.
-        """
-        policy = self.accelerator.unwrap_model(self.policy)
-        dtype = self.precision.compute
-        if final and self.precision.sampling_copy:
-            state = cast_state_dict(policy.state_dict(), dtype)
-            policy.save_pretrained(out, state_dict=state, safe_serialization=True)
-            # save_pretrained records the in-memory model's dtype (float32); the files hold model.dtype.
-            config = json.loads((out / "config.json").read_text())
-            (out / "config.json").write_text(
-                json.dumps(config | {"dtype": str(dtype).removeprefix("torch.")}, indent=2, sort_keys=True)
-            )
-        elif state is None:
-            policy.save_pretrained(out, safe_serialization=True)
-        else:
-            policy.save_pretrained(out, state_dict=state, safe_serialization=True)
-
-    def _prune_checkpoints(self) -> None:
-        done = sorted(p for p in self.ckpt_dir.glob("step-*") if not p.name.endswith(".tmp"))
-        for old in done[: -self.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def load_checkpoint(self, path: Path) -> None:
-        """Resume from ``path`` (every process reads it)."""
-        if self._zero is not None:
-            self._load_deepspeed(path)
-        else:
-            self._load_weights_and_optimizers(path)
-        optim = torch.load(path / "optim.pt", weights_only=False)
-        self.sched_actor.load_state_dict(optim["sched_actor"])
-        self.sched_critic.load_state_dict(optim["sched_critic"])
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
-        metrics = self.out_dir / "metrics.jsonl"
-        if self.accelerator.is_main_process and not metrics.is_file() and (path / "metrics.jsonl").is_file():
-            shutil.copy(path / "metrics.jsonl", metrics)  # restored from a store: the history came with it
-        if self.accelerator.is_main_process and metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
-
-    def _load_deepspeed(self, path: Path) -> None:
-        for tag, engine in (("actor", self.policy), ("critic", self.critic)):
-            loaded, _ = engine.load_checkpoint(str(path / "deepspeed"), tag=tag, load_lr_scheduler_states=False)
-            if loaded is None:
-                raise RuntimeError(
-                    f"checkpoint {path} has no DeepSpeed state for the {tag} (was it written without DeepSpeed?); "
-                    f"delete {self.ckpt_dir} to start this phase afresh"
-                )
-
-    def _load_weights_and_optimizers(self, path: Path) -> None:
-        acc = self.accelerator
-        from safetensors.torch import load_file
-
-        policy = acc.unwrap_model(self.policy)
-        result = policy.load_state_dict(load_file(str(path / "policy" / "model.safetensors")), strict=False)
-        # save_pretrained leaves out weights tied to the embeddings; nothing else may be missing.
-        tied = {"lm_head.weight"} if policy.config.tie_word_embeddings else set()
-        if result.unexpected_keys or set(result.missing_keys) - tied:
-            raise RuntimeError(
-                f"checkpoint {path} does not match the policy (missing {result.missing_keys}, "
-                f"unexpected {result.unexpected_keys}); delete {self.ckpt_dir} to start this phase afresh"
-            )
-        acc.unwrap_model(self.critic).load(path / "critic.safetensors")
-        optim = torch.load(path / "optim.pt", weights_only=False)
-        self.opt_actor.load_state_dict(optim["opt_actor"])
-        self.opt_critic.load_state_dict(optim["opt_critic"])
-
-    def _save_final(self, final: Path) -> Path:
-        acc = self.accelerator
-        state = acc.get_state_dict(self.policy) if self._zero is not None else None  # a collective under ZeRO-3
-        if acc.is_main_process:
-            tmp = final.with_name("final.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            with self._writing("the final policy", tmp):
-                self._save_policy(tmp, state, final=True)
-                self.tokenizer.save_pretrained(tmp)
-                (tmp / "trainer_state.json").write_text(
-                    json.dumps({"step": self.step, "run_key": self.run_key, "problems_hash": self.problems_hash})
-                )
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        acc.wait_for_everyone()
-        return final
-
-
-def cast_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``state`` in ``dtype``, each tensor once: a weight tied to another (the output head to the
-    embeddings) is left out, as save_pretrained leaves it out of the files, and is tied again on load."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in state.items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    return out
-
-
-def free_bytes(path: Path) -> int | None:
-    """Free bytes on the disk holding ``path`` (or its nearest existing parent); None if unknown."""
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            try:
-                return shutil.disk_usage(candidate).free
-            except OSError:
-                return None
-    return None
-
-
-def tree_bytes(path: Path) -> int:
-    """Bytes of the files under ``path`` (0 if it does not exist)."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "an unknown amount"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def out_of_space(exc: BaseException, free: int | None) -> bool:
-    """Whether a failed write failed for lack of disk space.
-
-    ENOSPC (or EDQUOT, a quota) anywhere in the exception chain says so; torch.save and
-    safetensors report only a short write, so a disk left with almost nothing free counts too.
-    """
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(seen) or "StorageFull" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return free is not None and free < NEARLY_FULL_BYTES
+        return self.checkpointer.save_final(self.step, self.policy)
