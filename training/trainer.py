@@ -17,16 +17,13 @@ processes make the update one process would make on the same rollouts.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import torch
@@ -186,6 +183,7 @@ class PPOTrainer:
             keep=keep_checkpoints, on_checkpoint=on_checkpoint,
         )
         self.ckpt_dir = self.checkpointer.ckpt_dir
+        self.stops = guards.StopRecord(self.out_dir, self.run_key, ppo_cfg, self.accelerator)
         self._history: list[dict] = []  # metrics rows of the steps so far (resumed ones too), for the guards
 
     def _check_divides_across_processes(self) -> None:
@@ -596,73 +594,19 @@ class PPOTrainer:
             finite += ("grad_norm_actor", "grad_norm_critic")
         trip = guards.check(self._history, self.cfg.guards, finite)
         if trip is not None:
-            self._stop(trip, metrics)
-
-    def _stop(self, trip: guards.Trip, metrics: dict[str, float]) -> NoReturn:
-        """Record the stop in ``stopped.json`` (the main process) and raise on every process.
-
-        The step that tripped is never checkpointed, so the ``latest`` checkpoint is the
-        last good one; for a non-finite step that also keeps the poisoned weights off disk.
-        """
-        latest = self.checkpointer.latest()
-        if latest is not None:
-            kept_step = json.loads((latest / "trainer_state.json").read_text())["step"]
-            kept = f"Kept the last good checkpoint {latest} (step {kept_step}); nothing after it was saved"
-        else:
-            kept_step = None
-            kept = (f"No checkpoint was written before it (ppo.checkpoint_every={self.cfg.checkpoint_every}), "
-                    "and nothing of this run was saved")
-        streak = f" (and at every step since step {trip.since})" if trip.since != trip.step else ""
-        message = (
-            f"PPO in {self.out_dir} stopped at step {trip.step} by the {trip.guard} guard: {trip.metric} was "
-            f"{trip.value:.4g}{streak}; threshold: {trip.threshold}. {kept}. "
-            f"What to do: {trip.advice}; then run again."
-        )
-        stop = {
-            **trip.as_dict(), "run_key": self.run_key, "guards": self.cfg.guards.model_dump(mode="json"),
-            "checkpoint": str(latest) if latest else None, "checkpoint_step": kept_step, "message": message,
-            "metrics": metrics,
-        }
-        if self.accelerator.is_main_process:
-            path = self.out_dir / guards.STOP_FILE
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(stop, indent=2))
-            os.replace(tmp, path)
-        log.error(message)
-        raise TrainingGuardError(message, stop)
-
-    def stop_record(self) -> dict | None:
-        """What a guard recorded when it stopped this exact run (same start, data, settings); None if it did not."""
-        stop = guards.read_stop(self.out_dir)
-        return stop if stop is not None and stop.get("run_key") == self.run_key else None
+            self.stops.stop(trip, metrics, self.checkpointer.latest())
 
     def raise_if_stopped(self) -> None:
-        """Raise the recorded stop again if a guard stopped this run and its guards are unchanged.
-
-        With the same guards the run would only stop again (it resumes from the same
-        checkpoint with the same random state), so it is not retried. With other guard
-        settings the record is cleared and :meth:`train` resumes from the kept checkpoint.
-        """
-        stop = self.stop_record()
-        if stop is None:
-            return
-        path = self.out_dir / guards.STOP_FILE
-        if stop.get("guards") == self.cfg.guards.model_dump(mode="json"):
-            raise TrainingGuardError(
-                f"{stop['message']} (Recorded in {path} by an earlier run with these settings; change them, or "
-                "delete that file to retry from the checkpoint.)", stop,
-            )
-        log.info("the guards changed since a guard stopped this run (%s); resuming from its last checkpoint", path)
-        self.accelerator.wait_for_everyone()  # every process has read the record before it goes
-        if self.accelerator.is_main_process:
-            path.unlink(missing_ok=True)
+        """Raise the recorded stop again if a guard stopped this run with the guards it has now
+        (guards.StopRecord.raise_if_stopped); with other guards, :meth:`train` resumes instead."""
+        self.stops.raise_if_stopped()
 
     # ----------------------------------------------------------------- loop
     def finished(self) -> Path | None:
         """The final policy dir if this exact run (same start, data, settings) already completed."""
         final = self.checkpointer.finished(self.cfg.steps)
         # A run a guard stopped never writes final/; a record next to one still wins.
-        return final if final is not None and self.stop_record() is None else None
+        return final if final is not None and self.stops.read() is None else None
 
     def resumable_step(self) -> int | None:
         """The step of this run's last checkpoint, if there is one to resume from (else None)."""
