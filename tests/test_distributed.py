@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.problems import save_problems
 from training import ppo
-from training.trainer import PPOTrainer, Rollout, Scored
+from training.experience import Rollout, Scored, experience
+from training.trainer import PPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -241,7 +242,7 @@ def test_two_processes_make_the_update_one_process_makes_on_the_same_rollouts(
         *(torch.cat([pad_right(getattr(s, f), width) for s in locals_]) for f in per_token),
         *(torch.cat([getattr(s, f) for s in locals_]) for f in ("scores", "correct", "boxed", "truncated")),
     )
-    advantages, returns, metrics = single._experience(batch)
+    advantages, returns, metrics = experience(batch, single.cfg)
     for r, d in enumerate(step0):
         rows, w = slice(4 * r, 4 * (r + 1)), d["rollout"].advantages.shape[1]
         torch.testing.assert_close(advantages[rows, :w], d["rollout"].advantages, atol=1e-6, rtol=0)

@@ -22,7 +22,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from concise_rl.problems import Problem, problems_hash
 from evaluation.grader import Grade
 from training import guards, ppo
 from training.checkpoint import Checkpointer, Models
+from training.experience import Rollout, Scored, critic_forward, experience, policy_forward, reuse_rollout_logprobs
 from training.generation import Generation, check_prompt_lengths, generate
 from training.models import Critic, format_prompt, freeze_all_but_top_layers, load_policy, load_tokenizer
 from training.precision import training_precision
@@ -58,57 +58,6 @@ def zero_stage(accelerator: Accelerator) -> int | None:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return None
     return int(accelerator.state.deepspeed_plugin.zero_stage)
-
-
-@dataclass
-class Rollout:
-    """One step's experience; every [batch, ...] tensor is on the CPU until used."""
-
-    input_ids: torch.Tensor  # [batch, prompt_len + response_len]
-    attention_mask: torch.Tensor  # [batch, prompt_len + response_len]
-    response_mask: torch.Tensor  # [batch, response_len]
-    logprobs: torch.Tensor  # [batch, response_len]
-    values: torch.Tensor  # [batch, response_len]
-    advantages: torch.Tensor  # [batch, response_len]
-    returns: torch.Tensor  # [batch, response_len]
-
-
-@dataclass
-class Scored:
-    """What advantages and metrics are computed from: sampled, scored and run through the
-    reference, the critic and (unless reused) the policy. One process's rows, or the whole
-    step's batch gathered from every process, in process order."""
-
-    response_mask: torch.Tensor  # [batch, response_len]
-    logprobs: torch.Tensor  # [batch, response_len]
-    ref_logprobs: torch.Tensor  # [batch, response_len]
-    values: torch.Tensor  # [batch, response_len], 0 after EOS
-    entropy: torch.Tensor  # [batch, response_len]
-    scores: torch.Tensor  # [batch], float
-    correct: torch.Tensor  # [batch], bool
-    boxed: torch.Tensor  # [batch], bool
-    truncated: torch.Tensor  # [batch], bool
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, so a padded prompt sees the same positions."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def policy_forward(model, input_ids, attention_mask, response_len: int, temperature: float, tokens):
-    """Log-probs (and logits) of ``tokens``, the last ``response_len`` ids of ``input_ids``."""
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-    ).logits
-    # Logits at position i predict token i+1. Divided in float32: bf16 logits (autocast) keep 8 bits.
-    logits = logits[:, -response_len - 1 : -1].float() / temperature  # [batch, response_len, vocab]
-    return ppo.logprobs_from_logits(logits, tokens), logits
-
-
-def critic_forward(critic, input_ids, attention_mask, response_len: int) -> torch.Tensor:
-    """V(s_t) for each response token t: the value of the state that emitted it.  # [batch, response_len]"""
-    values = critic(input_ids, attention_mask, position_ids(attention_mask))
-    return values[:, -response_len - 1 : -1]
 
 
 class PPOTrainer:
@@ -351,7 +300,7 @@ class PPOTrainer:
         grades, scores = self.scorer(gen.texts, [self.problems[i].answer for i in idx])
         scores = torch.tensor(scores, dtype=torch.float32)
 
-        reuse = self._reuse_rollout_logprobs(gen)
+        reuse = reuse_rollout_logprobs(gen, cfg, self.logprob_temperature, self.precision.mixed)
         logprobs, ref_logprobs, values, entropy = [], [], [], []
         for s in range(0, len(idx), cfg.micro_batch_size):
             ids = input_ids[s : s + cfg.micro_batch_size].to(acc.device)
@@ -376,37 +325,12 @@ class PPOTrainer:
             boxed=torch.tensor([g.boxed for g in grades]),
             truncated=gen.truncated,
         )
-        advantages, returns, metrics = self._experience(self._gather(local))
+        advantages, returns, metrics = experience(self._gather(local), self.cfg)
         if self.world > 1:
             # This process's rows of the whole batch, cut back to its own response width.
             rows = slice(acc.process_index * len(idx), (acc.process_index + 1) * len(idx))
             advantages, returns = advantages[rows, :width], returns[rows, :width]
         return Rollout(input_ids, attention_mask, mask, logprobs, values, advantages, returns), metrics
-
-    def _experience(self, batch: Scored) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Advantages, returns and the step's metrics, over ``batch`` as a whole."""
-        cfg, mask = self.cfg, batch.response_mask
-        rewards, kl = ppo.token_rewards(batch.scores, batch.logprobs, batch.ref_logprobs, mask, cfg.kl_coef)
-        advantages, returns = ppo.gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
-        if cfg.advantage_norm != "none":
-            advantages = ppo.masked_whiten(advantages, mask, shift_mean=cfg.advantage_norm == "whiten")
-
-        lengths = mask.sum(1)
-        correct = batch.correct
-        metrics = {
-            "reward": batch.scores.mean().item(),
-            "accuracy": correct.float().mean().item(),
-            "boxed_rate": float(np.mean(batch.boxed.numpy())),
-            "response_length": lengths.mean().item(),
-            "response_length_correct": lengths[correct].mean().item() if correct.any() else float("nan"),
-            "response_length_incorrect": lengths[~correct].mean().item() if (~correct).any() else float("nan"),
-            "truncation_rate": batch.truncated.float().mean().item(),
-            "kl": (kl.sum(1)).mean().item(),
-            "entropy": ppo.masked_mean(batch.entropy, mask).item(),
-            "explained_variance": ppo.explained_variance(batch.values, returns, mask),
-            "generated_tokens": lengths.sum().item(),
-        }
-        return advantages, returns, metrics
 
     def _gather(self, local: Scored) -> Scored:
         """Every process's rows in process order, right-padded with zeros to one response width
@@ -433,29 +357,6 @@ class PPOTrainer:
         reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
         torch.distributed.all_reduce(t, op=reduce_op)
         return t.tolist()
-
-    def _reuse_rollout_logprobs(self, gen: Generation) -> bool:
-        """Whether the sampling pass's log-probs stand in for a training forward (see PPOConfig)."""
-        if gen.logprobs is None:
-            if self.cfg.rollout_logprobs == "reuse":
-                raise ValueError(
-                    "ppo.rollout_logprobs='reuse' needs the KV generation engine (model.generation_engine "
-                    "'auto' or 'kv', on a Qwen2/Llama/Mistral model); set ppo.rollout_logprobs to 'auto' or 'recompute'"
-                )
-            return False
-        if self.logprob_temperature != self.cfg.temperature:
-            if self.cfg.rollout_logprobs == "reuse":
-                raise ValueError(
-                    f"ppo.rollout_logprobs='reuse' takes the log-probs the sampler drew at ppo.temperature="
-                    f"{self.cfg.temperature}, but ppo.logprob_temperature={self.logprob_temperature} asks for others; "
-                    "set ppo.rollout_logprobs to 'auto' or 'recompute'"
-                )
-            return False
-        if self.cfg.rollout_logprobs == "auto":
-            # Mixed precision (the sampling copy and autocast, or DeepSpeed's bf16 weights) changes the
-            # training forward.
-            return not self.precision.mixed
-        return self.cfg.rollout_logprobs == "reuse"
 
     # ----------------------------------------------------------------- update
     def _update(self, ro: Rollout) -> dict[str, float]:
