@@ -233,7 +233,7 @@ def test_two_processes_make_the_update_one_process_makes_on_the_same_rollouts(
         model_cfg=ModelConfig(), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(),
     )
     assert single.world == 1
-    single._build()
+    single.setup()
 
     locals_ = [d["local"] for d in step0]
     width = max(s.response_mask.shape[1] for s in locals_)
@@ -265,7 +265,7 @@ def test_two_processes_make_the_update_one_process_makes_on_the_same_rollouts(
         *(torch.cat([pad_right(getattr(ro, f), width) for ro in ros])
           for f in ("response_mask", "logprobs", "values", "advantages", "returns")),
     )
-    stats = single._update(union)
+    stats = single.update(union)
     logged = ranks(out)[0]["metrics"][0]
     for key in ("policy_loss", "value_loss", "grad_norm_actor", "grad_norm_critic", "clip_frac", "approx_kl"):
         assert stats[key] == pytest.approx(logged[key], rel=1e-4, abs=1e-7), key

@@ -5,13 +5,13 @@ over N processes (DDP), and under DeepSpeed ZeRO-2/3. The policy and the critic 
 have an optimiser and a cosine schedule; the reference model is a frozen copy of the
 starting policy used only for the KL penalty, never given to an optimiser.
 
-Data parallelism: every process samples its own equal share of the step's prompts
-and scores its rollouts; the per-token results are gathered so that everything the
-single-process trainer computes over the whole batch (GAE inputs, advantage
-whitening, logged metrics) is computed over the whole step's batch, identically on
-every process. Each process then updates on its own rows with the losses normalised
-by the whole mini-batch, and DDP (or DeepSpeed) averages the gradients, so N
-processes make the update one process would make on the same rollouts.
+Data parallelism (training/distributed.py): every process samples its own equal share
+of the step's prompts and scores its rollouts; the per-token results are gathered so
+that everything the single-process trainer computes over the whole batch (GAE inputs,
+advantage whitening, logged metrics) is computed over the whole step's batch,
+identically on every process. Each process then updates on its own rows with the
+losses normalised by the whole mini-batch, and DDP (or DeepSpeed) averages the
+gradients, so N processes make the update one process would make on the same rollouts.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -35,7 +35,7 @@ from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.errors import TrainingGuardError
 from concise_rl.problems import Problem, problems_hash
 from evaluation.grader import Grade
-from training import guards, ppo
+from training import distributed, guards, ppo
 from training.checkpoint import Checkpointer, Models
 from training.experience import Rollout, Scored, critic_forward, experience, policy_forward, reuse_rollout_logprobs
 from training.generation import Generation, check_prompt_lengths, generate
@@ -53,15 +53,13 @@ Scorer = Callable[[list[str], list[str]], tuple[list[Grade], list[float]]]
 RANK_SEED_STRIDE = 1_000_003
 
 
-def zero_stage(accelerator: Accelerator) -> int | None:
-    """The DeepSpeed ZeRO stage ``accelerator`` runs under; None without DeepSpeed."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    return int(accelerator.state.deepspeed_plugin.zero_stage)
-
-
 class PPOTrainer:
     """Trains a policy with PPO on ``problems`` and writes checkpoints to ``out_dir``.
+
+    :meth:`train` runs the whole phase: it resumes from this run's last checkpoint, and
+    checkpoints, logs and checks the guards after each :meth:`step`. :meth:`setup`,
+    :meth:`step`, :meth:`rollout` and :meth:`update` are its parts, for a benchmark or
+    a test that takes steps without writing anything.
 
     Under N processes (``accelerate launch``) every process runs this with the same
     arguments; ``on_step`` is called on every process with the same metrics (those of
@@ -99,8 +97,8 @@ class PPOTrainer:
         self.on_step = on_step
         self.accelerator = accelerator or Accelerator()
         self.world = self.accelerator.num_processes
-        self._check_divides_across_processes()
-        self._zero = zero_stage(self.accelerator)
+        distributed.check_divides_across_processes(ppo_cfg, self.world)
+        self._zero = distributed.zero_stage(self.accelerator)
         # float32 master weights and optimizer states whatever model.dtype says (training/precision.py).
         self.precision = training_precision(
             model_cfg.dtype, self.accelerator.mixed_precision, deepspeed=self._zero is not None
@@ -120,7 +118,7 @@ class PPOTrainer:
         if self.world > 1:
             # One key for all: a process may have resolved the start model to a path of its own.
             self.run_key = broadcast_object_list([self.run_key])[0]
-        self.step = 0
+        self.steps_done = 0  # steps taken so far, resumed ones too; the next step's index
         # The prompts are checked here, before any model is loaded or step is taken, so a problem
         # whose prompt cannot fit fails the run at once instead of at the step that first draws it.
         self.tokenizer = load_tokenizer(policy_path, trust_remote_code=model_cfg.trust_remote_code, prompt=prompt_cfg)
@@ -134,26 +132,17 @@ class PPOTrainer:
         self.ckpt_dir = self.checkpointer.ckpt_dir
         self.stops = guards.StopRecord(self.out_dir, self.run_key, ppo_cfg, self.accelerator)
         self._history: list[dict] = []  # metrics rows of the steps so far (resumed ones too), for the guards
-
-    def _check_divides_across_processes(self) -> None:
-        n, cfg = self.world, self.cfg
-        if cfg.prompts_per_step % n:
-            raise ValueError(
-                f"ppo.prompts_per_step={cfg.prompts_per_step} does not divide among {n} processes: each process "
-                f"samples an equal share of the step's prompts; set it to a multiple of {n} or launch fewer processes"
-            )
-        if cfg.mini_batch_size % n:
-            raise ValueError(
-                f"ppo.mini_batch_size={cfg.mini_batch_size} does not divide among {n} processes: each process "
-                f"trains on an equal share of every mini-batch; set it to a multiple of {n} or launch fewer processes"
-            )
+        self._ready = False
 
     # ----------------------------------------------------------------- setup
-    def _build(self) -> None:
+    def setup(self) -> None:
+        """Seed, load the models and build their optimizers and schedules; once (later calls do nothing)."""
+        if self._ready:
+            return
         acc = self.accelerator
         self._seed_everything(self.cfg.seed)
         if self._zero is not None:
-            self._configure_deepspeed()
+            distributed.configure_deepspeed(acc, self.cfg)
         dtype = self.precision.load
         policy = load_policy(self.policy_path, self.model_cfg, dtype=dtype)
         if self.cfg.actor_trainable_layers is not None:
@@ -188,27 +177,17 @@ class PPOTrainer:
         # The schedules stay outside accelerate: its scheduler wrapper steps once per process
         # (N times per update under N processes), and here every process steps its own once.
         self.sched_actor, self.sched_critic = schedule(opt_actor), schedule(opt_critic)
-        if self._zero is None:
-            self.policy, self.critic, self.opt_actor, self.opt_critic = acc.prepare(
-                policy, critic, opt_actor, opt_critic
-            )
-        else:
-            # accelerate takes one model per prepare() under DeepSpeed: one engine for each, and
-            # the reference in an engine of its own with no optimizer (ZeRO-3: sharded like the others).
-            from trl.models.utils import prepare_deepspeed
+        self.policy, self.critic, self.opt_actor, self.opt_critic, self.ref = distributed.prepare(
+            acc, policy, critic, opt_actor, opt_critic, self.ref
+        )
+        self._ready = True
 
-            self.policy, self.opt_actor = acc.prepare(policy, opt_actor)
-            self.critic, self.opt_critic = acc.prepare(critic, opt_critic)
-            self.ref = prepare_deepspeed(self.ref, acc)
-
-    def _configure_deepspeed(self) -> None:
-        """Settings the DeepSpeed config must take from the PPO config (no dataloader sets them)."""
-        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = self.cfg.micro_batch_size
-        ds["gradient_clipping"] = self.cfg.max_grad_norm  # DeepSpeed clips inside its step
-        # The trainer marks the end of each mini-batch itself (_backward), however many micro-batches it had.
-        ds["gradient_accumulation_steps"] = 1
-        ds["train_batch_size"] = "auto"  # accelerate fills it in: micro-batch x processes
+    def release(self) -> None:
+        """Drop the models, optimizers and schedules, so ``accelerator.free_memory()`` can give their
+        memory back (a benchmark does before another run starts); :meth:`setup` builds them afresh."""
+        self.policy = self.critic = self.ref = self._sampler = self.opt_actor = self.opt_critic = None
+        self.sched_actor = self.sched_critic = None
+        self._ready = False
 
     def _models(self) -> Models:
         return Models(self.policy, self.critic, self.opt_actor, self.opt_critic, self.sched_actor, self.sched_critic)
@@ -222,7 +201,7 @@ class PPOTrainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def _batch_indices(self, step: int) -> list[int]:
+    def batch_indices(self, step: int) -> list[int]:
         """Problems of one step: a fresh permutation per pass over the set, fixed by the seed.
 
         Derived from the step alone, so a resumed run draws the same data as an uninterrupted one.
@@ -236,20 +215,9 @@ class PPOTrainer:
             out.extend(perm[offset : offset + k - len(out)].tolist())
         return out
 
-    def _shard_indices(self, step: int) -> list[int]:
-        """This process's problems of one step: an equal, contiguous share of ``_batch_indices``.
-
-        In process order the shards make up the step's problems, so the gathered rollouts
-        are in the order a single process would have them.
-        """
-        batch = self._batch_indices(step)
-        share = len(batch) // self.world
-        rank = self.accelerator.process_index
-        return batch[rank * share : (rank + 1) * share]
-
     # ----------------------------------------------------------------- rollout
     @contextlib.contextmanager
-    def _generation_model(self) -> Iterator[torch.nn.Module]:
+    def generation_model(self) -> Iterator[torch.nn.Module]:
         """The policy as a plain Hugging Face model to sample from (ZeRO-3: its parameters gathered;
         mixed precision without DeepSpeed: the model.dtype copy, brought up to date)."""
         if self._zero == 3:
@@ -273,13 +241,17 @@ class PPOTrainer:
             dst.copy_(src)
 
     @torch.no_grad()
-    def _rollout(self, step: int) -> tuple[Rollout, dict[str, float]]:
+    def sample(self, step: int) -> tuple[torch.Tensor, torch.Tensor, Scored]:
+        """This process's share of step ``step``: sampled, scored, and run through the reference, the
+        critic and (unless reused) the policy. Its token ids and attention mask ([rows, prompt width +
+        response width]) and what was scored of them; :meth:`rollout` turns them into experience."""
         cfg, acc = self.cfg, self.accelerator
         # Old log-probs and values must come from the same (dropout-free) mode as sampling.
         self.policy.eval()
         self.critic.eval()
-        idx = [i for i in self._shard_indices(step) for _ in range(cfg.samples_per_prompt)]
-        with self._generation_model() as model:
+        shard = distributed.shard_indices(acc, self.batch_indices(step))
+        idx = [i for i in shard for _ in range(cfg.samples_per_prompt)]
+        with self.generation_model() as model:
             gen: Generation = generate(
                 model,
                 self.tokenizer,
@@ -325,41 +297,28 @@ class PPOTrainer:
             boxed=torch.tensor([g.boxed for g in grades]),
             truncated=gen.truncated,
         )
-        advantages, returns, metrics = experience(self._gather(local), self.cfg)
+        return input_ids, attention_mask, local
+
+    @torch.no_grad()
+    def rollout(self, step: int) -> tuple[Rollout, dict[str, float]]:
+        """Step ``step``'s experience (this process's rows) and metrics, both over the whole step's batch."""
+        acc = self.accelerator
+        input_ids, attention_mask, local = self.sample(step)
+        advantages, returns, metrics = experience(distributed.gather(acc, local), self.cfg)
         if self.world > 1:
             # This process's rows of the whole batch, cut back to its own response width.
-            rows = slice(acc.process_index * len(idx), (acc.process_index + 1) * len(idx))
+            n, width = local.response_mask.shape
+            rows = slice(acc.process_index * n, (acc.process_index + 1) * n)
             advantages, returns = advantages[rows, :width], returns[rows, :width]
-        return Rollout(input_ids, attention_mask, mask, logprobs, values, advantages, returns), metrics
-
-    def _gather(self, local: Scored) -> Scored:
-        """Every process's rows in process order, right-padded with zeros to one response width
-        (padding is masked out of everything computed from it). One process: ``local`` itself."""
-        if self.world == 1:
-            return local
-        acc = self.accelerator
-
-        def rows(t: torch.Tensor) -> torch.Tensor:  # [rows] from every process
-            return acc.gather(t.float().to(acc.device)).cpu()
-
-        def tokens(t: torch.Tensor) -> torch.Tensor:  # [rows, width] from every process
-            return acc.gather(acc.pad_across_processes(t.float().to(acc.device), dim=1)).cpu()
-
-        return Scored(
-            tokens(local.response_mask), tokens(local.logprobs), tokens(local.ref_logprobs), tokens(local.values),
-            tokens(local.entropy), rows(local.scores), rows(local.correct).bool(), rows(local.boxed).bool(),
-            rows(local.truncated).bool(),
+        rollout = Rollout(
+            input_ids, attention_mask, local.response_mask, local.logprobs, local.values, advantages, returns
         )
-
-    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        """``values`` summed (or their maximum taken) over all processes."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-        reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
-        torch.distributed.all_reduce(t, op=reduce_op)
-        return t.tolist()
+        return rollout, metrics
 
     # ----------------------------------------------------------------- update
-    def _update(self, ro: Rollout) -> dict[str, float]:
+    def update(self, ro: Rollout) -> dict[str, float]:
+        """``ppo_epochs`` passes of clipped PPO updates over this process's rows of ``ro``; the losses,
+        gradient norms and learning rates, over the whole step's batch."""
         cfg, acc = self.cfg, self.accelerator
         n, width = ro.response_mask.shape
         stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": [], "approx_kl": []}
@@ -379,11 +338,9 @@ class PPOTrainer:
                     # rows, already is the whole count over N): each process's loss is then N times its
                     # share of the whole mini-batch's loss, and the average of the processes'
                     # gradients, which DDP and DeepSpeed take, is the whole mini-batch's gradient.
-                    num_tokens = self._all_reduce([num_tokens])[0] / self.world
+                    num_tokens = distributed.all_reduce(acc, [num_tokens])[0] / self.world
                 totals = dict.fromkeys(stats, 0.0)
-                groups = self._micro_batches(mb, lengths, prompt_width)
-                if self.world > 1:
-                    groups = self._even_out(groups)
+                groups = self.micro_batches(mb, lengths, prompt_width)
                 for g, ub in enumerate(groups):
                     # Each micro-batch is cut to its own longest response: the rest is padding.
                     w = max(int(lengths[ub].max()), 1)
@@ -400,7 +357,8 @@ class PPOTrainer:
                     pg_loss = ppo.aggregate(pg_mat, mask, cfg.loss_agg_mode, **agg)
                     vf_mat = ppo.value_loss_matrix(v, old_v, ret, cfg.value_clip_range)
                     vf_loss = ppo.aggregate(vf_mat, mask, cfg.loss_agg_mode, **agg)
-                    self._backward(pg_loss, vf_loss, sync=g == len(groups) - 1)
+                    distributed.backward(acc, self.policy, self.critic, pg_loss, vf_loss, vf_coef=cfg.vf_coef,
+                                         sync=g == len(groups) - 1)
                     share = mask.sum().item() / max(num_tokens, 1)
                     totals["policy_loss"] += pg_loss.item()
                     totals["value_loss"] += vf_loss.item()
@@ -413,7 +371,7 @@ class PPOTrainer:
                     if self._zero is None:
                         norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                         opt.step()
-                    else:  # DeepSpeed clipped and stepped at the end of the mini-batch (_backward)
+                    else:  # DeepSpeed clipped and stepped at the end of the mini-batch (distributed.backward)
                         norm = model.get_global_grad_norm()
                     stats.setdefault(f"grad_norm_{name}", []).append(float("nan") if norm is None else float(norm))
                     sched.step()
@@ -424,72 +382,23 @@ class PPOTrainer:
         if self.world > 1:
             # Each process's losses are its share of the whole mini-batch's, times N (see above).
             keys = sorted(out)
-            out = dict(zip(keys, (v / self.world for v in self._all_reduce([out[k] for k in keys])), strict=True))
+            out = dict(zip(keys, (v / self.world for v in distributed.all_reduce(acc, [out[k] for k in keys])),
+                           strict=True))
         out["lr_actor"] = self.sched_actor.get_last_lr()[0]
         out["lr_critic"] = self.sched_critic.get_last_lr()[0]
         return out
 
-    def _backward(self, pg_loss: torch.Tensor, vf_loss: torch.Tensor, *, sync: bool) -> None:
-        """Accumulate one micro-batch's gradients; ``sync`` on the last of a mini-batch.
+    def micro_batches(self, rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int) -> list[torch.Tensor]:
+        """The micro-batches this process runs for one mini-batch's ``rows`` (:func:`split_micro_batches`),
+        split further, under N processes, until it has as many as every other (distributed.even_out)."""
+        cfg = self.cfg
+        groups = split_micro_batches(rows, lengths, prompt_width, cfg.micro_batch_size, cfg.micro_batch_tokens)
+        return distributed.even_out(self.accelerator, groups) if self.world > 1 else groups
 
-        Under DDP the gradients are averaged over the processes once, on the last micro-batch.
-        Under DeepSpeed each engine runs its own backward and, on the last micro-batch, its
-        step (clip, optimizer, zero grad): accelerate's backward drives only one engine.
-        """
-        acc, cfg = self.accelerator, self.cfg
-        if self._zero is not None:
-            for engine, loss in ((self.policy, pg_loss), (self.critic, cfg.vf_coef * vf_loss)):
-                engine.set_gradient_accumulation_boundary(sync)
-                engine.backward(loss)
-                if sync:
-                    engine.step()
-            return
-        loss = pg_loss + cfg.vf_coef * vf_loss
-        if sync or self.world == 1:
-            acc.backward(loss)
-            return
-        with acc.no_sync(self.policy), acc.no_sync(self.critic):
-            acc.backward(loss)
-
-    def _even_out(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Split micro-batches until this process has as many as the process with the most.
-
-        Every process must run as many forwards and backwards per mini-batch: under ZeRO-3
-        each is a collective. Possible because all hold the same number of rows and every
-        micro-batch has at least one; the loss is normalised by the mini-batch, so the
-        split changes nothing but the grouping.
-        """
-        target = int(self._all_reduce([len(groups)], "max")[0])
-        groups = list(groups)
-        while len(groups) < target:
-            i = max(range(len(groups)), key=lambda j: len(groups[j]))
-            half = (len(groups[i]) + 1) // 2
-            groups[i : i + 1] = [groups[i][:half], groups[i][half:]]
-        return groups
-
-    def _micro_batches(self, rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int) -> list[torch.Tensor]:
-        """``rows`` of one mini-batch in micro-batches, longest responses first.
-
-        At most ``micro_batch_size`` rows each and, with ``micro_batch_tokens``, at most
-        that many padded tokens (rows x (prompt width + the group's longest response)).
-        The loss is normalised by the whole mini-batch, so the grouping changes nothing
-        but the padding computed.
-        """
-        rows = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
-        budget = self.cfg.micro_batch_tokens
-        groups, start = [], 0
-        while start < len(rows):
-            width = prompt_width + max(int(lengths[rows[start]]), 1)  # the group's widest row comes first
-            size = self.cfg.micro_batch_size
-            if budget is not None:
-                size = max(1, min(size, budget // width))
-            groups.append(rows[start : start + size])
-            start += size
-        return groups
-
+    # ----------------------------------------------------------------- guards
     def _check_guards(self, metrics: dict[str, float]) -> None:
         """Stop the phase if this step trips a guard (training/guards.py), before anything of it is saved."""
-        self._history.append({"step": self.step, **metrics})
+        self._history.append({"step": self.steps_done, **metrics})
         finite = guards.FINITE_KEYS
         if self._zero is None:  # DeepSpeed may report no gradient norm (logged as NaN)
             finite += ("grad_norm_actor", "grad_norm_critic")
@@ -514,6 +423,28 @@ class PPOTrainer:
         own = self.checkpointer.own()
         return int(own[1]["step"]) if own else None
 
+    def step_seed(self, step: int) -> int:
+        """The torch seed step ``step`` samples under: set by the config's seed and the step, so a resumed
+        run samples as an uninterrupted one does, and different on each process."""
+        return self.cfg.seed * 100_003 + step + RANK_SEED_STRIDE * self.accelerator.process_index
+
+    def step(self, step: int) -> dict[str, float]:
+        """One PPO step, number ``step`` from 0, after :meth:`setup`: a rollout seeded by :meth:`step_seed`
+        and the updates on it. Its metrics, the same on every process; nothing is written to disk."""
+        t0 = time.perf_counter()
+        torch.manual_seed(self.step_seed(step))
+        rollout, metrics = self.rollout(step)
+        t_gen = time.perf_counter() - t0
+        metrics |= self.update(rollout)
+        elapsed = time.perf_counter() - t0
+        if self.world > 1:  # the slowest process sets the pace; every process logs the same figures
+            elapsed, t_gen = distributed.all_reduce(self.accelerator, [elapsed, t_gen], "max")
+        return metrics | {
+            "step_time_s": elapsed,
+            "generation_time_s": t_gen,
+            "tokens_per_s": metrics["generated_tokens"] / elapsed,
+        }
+
     def train(self) -> Path:
         """Run PPO to ``cfg.steps`` (resuming from the last checkpoint) and return the final policy dir.
 
@@ -525,30 +456,18 @@ class PPOTrainer:
             log.info("PPO already finished in %s; reusing it", done)
             return done
         self.raise_if_stopped()
-        self._build()
-        self.step, self._history = self.checkpointer.resume_or_reset(self._models())
+        self.setup()
+        self.steps_done, self._history = self.checkpointer.resume_or_reset(self._models())
         acc = self.accelerator
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"PPO {self.out_dir.name}", unit="step",
+        bar = tqdm(total=self.cfg.steps, initial=self.steps_done, desc=f"PPO {self.out_dir.name}", unit="step",
                    disable=not acc.is_main_process)
-        while self.step < self.cfg.steps:
-            t0 = time.perf_counter()
-            torch.manual_seed(self.cfg.seed * 100_003 + self.step + RANK_SEED_STRIDE * acc.process_index)
-            rollout, metrics = self._rollout(self.step)
-            t_gen = time.perf_counter() - t0
-            metrics |= self._update(rollout)
-            elapsed = time.perf_counter() - t0
-            if self.world > 1:  # the slowest process sets the pace; every process logs the same figures
-                elapsed, t_gen = self._all_reduce([elapsed, t_gen], "max")
-            metrics |= {
-                "step_time_s": elapsed,
-                "generation_time_s": t_gen,
-                "tokens_per_s": metrics["generated_tokens"] / elapsed,
-            }
-            self.step += 1
+        while self.steps_done < self.cfg.steps:
+            metrics = self.step(self.steps_done)
+            self.steps_done += 1
             if acc.is_main_process:
-                self.checkpointer.append_metrics(self.step, metrics)
+                self.checkpointer.append_metrics(self.steps_done, metrics)
             if self.on_step:
-                self.on_step(self.step, metrics)
+                self.on_step(self.steps_done, metrics)
             try:
                 self._check_guards(metrics)  # before the checkpoint: a step that trips one is never saved
             except TrainingGuardError:
@@ -557,7 +476,28 @@ class PPOTrainer:
             bar.update(1)
             bar.set_postfix(acc=f"{metrics['accuracy']:.2f}", len=f"{metrics['response_length']:.0f}",
                             kl=f"{metrics['kl']:.3f}")
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
-                self.checkpointer.save(self.step, self._models())
+            if self.steps_done % self.cfg.checkpoint_every == 0 or self.steps_done == self.cfg.steps:
+                self.checkpointer.save(self.steps_done, self._models())
         bar.close()
-        return self.checkpointer.save_final(self.step, self.policy)
+        return self.checkpointer.save_final(self.steps_done, self.policy)
+
+
+def split_micro_batches(rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int, micro_batch_size: int,
+                        micro_batch_tokens: int | None) -> list[torch.Tensor]:
+    """``rows`` of one mini-batch in micro-batches, longest responses first.
+
+    At most ``micro_batch_size`` rows each and, with ``micro_batch_tokens``, at most
+    that many padded tokens (rows x (prompt width + the group's longest response)).
+    The loss is normalised by the whole mini-batch, so the grouping changes nothing
+    but the padding computed.
+    """
+    rows = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+    groups, start = [], 0
+    while start < len(rows):
+        width = prompt_width + max(int(lengths[rows[start]]), 1)  # the group's widest row comes first
+        size = micro_batch_size
+        if micro_batch_tokens is not None:
+            size = max(1, min(size, micro_batch_tokens // width))
+        groups.append(rows[start : start + size])
+        start += size
+    return groups
