@@ -182,19 +182,19 @@ def bench_ppo(model_dir: Path, args, mode: str) -> None:
                          accelerator=acc)
     device = acc.device
     t0 = time.perf_counter()
-    trainer._build()
+    trainer.setup()
     if acc.is_main_process:
         emit(stage="ppo", mode=mode, build_s=round(time.perf_counter() - t0, 1), processes=acc.num_processes,
              **peak_memory(device))
     for step in range(ppo.steps):
-        torch.manual_seed(ppo.seed * 100_003 + step)
+        torch.manual_seed(trainer.step_seed(step))
         reset_peak(device)
         sync(device)
         t0 = time.perf_counter()
-        rollout, metrics = trainer._rollout(step)
+        rollout, metrics = trainer.rollout(step)
         sync(device)
         t1 = time.perf_counter()
-        metrics |= trainer._update(rollout)
+        metrics |= trainer.update(rollout)
         sync(device)
         t2 = time.perf_counter()
         if acc.is_main_process:
@@ -205,7 +205,7 @@ def bench_ppo(model_dir: Path, args, mode: str) -> None:
                  policy_loss=metrics["policy_loss"], value_loss=metrics["value_loss"], **peak_memory(device))
     acc.wait_for_everyone()
     # Give the GPU back before a DeepSpeed run starts in another process.
-    trainer.policy = trainer.critic = trainer.ref = trainer._sampler = trainer.opt_actor = trainer.opt_critic = None
+    trainer.release()
     acc.free_memory()
     acc.end_training()  # a DeepSpeed child leaves its process group before it exits
 

@@ -98,14 +98,14 @@ def bench_ppo(model: Path, problems: list[Problem], samples: int, max_new: int, 
         policy_path=str(model), problems=problems, out_dir=work / "ppo", ppo_cfg=cfg, model_cfg=ModelConfig(),
         prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(),
     )
-    trainer._build()
+    trainer.setup()
     tokens, rollout_s, update_s = [], [], []
     for step in range(1 + repeats):
-        torch.manual_seed(cfg.seed * 100_003 + step)
+        torch.manual_seed(trainer.step_seed(step))
         t0 = time.perf_counter()
-        rollout, metrics = trainer._rollout(step)
+        rollout, metrics = trainer.rollout(step)
         t1 = time.perf_counter()
-        trainer._update(rollout)
+        trainer.update(rollout)
         t2 = time.perf_counter()
         if step:  # step 0 is the warm-up
             tokens.append(int(metrics["generated_tokens"]))

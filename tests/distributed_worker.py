@@ -35,8 +35,9 @@ from safetensors.torch import load_file
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.synthetic import generate_problems
+from training.distributed import shard_indices, zero_stage
 from training.precision import DTYPES
-from training.trainer import PPOTrainer, zero_stage
+from training.trainer import PPOTrainer, split_micro_batches
 
 # Prompts of 114-138 tokens, so the processes' shards have different prompt widths.
 PROBLEMS = generate_problems(6, seed=5, min_level=1, max_level=8)
@@ -63,27 +64,26 @@ class RecordingTrainer(PPOTrainer):
         super().__init__(*args, **kwargs)
         self.dump = dump
         self.shards: list[dict] = []
-        self.micro_batches: list[list[int]] = []
+        self.groupings: list[list[int]] = []  # per mini-batch: this process's micro-batches, then after evening out
         self._local = None
 
-    def _shard_indices(self, step: int) -> list[int]:
-        shard = super()._shard_indices(step)
-        self.shards.append({"step": step, "batch": self._batch_indices(step), "shard": shard})
-        return shard
-
-    def _gather(self, local):
+    def sample(self, step: int):
+        batch = self.batch_indices(step)
+        self.shards.append({"step": step, "batch": batch, "shard": shard_indices(self.accelerator, batch)})
+        input_ids, attention_mask, local = super().sample(step)
         self._local = local
-        return super()._gather(local)
+        return input_ids, attention_mask, local
 
-    def _rollout(self, step: int):
-        rollout, metrics = super()._rollout(step)
+    def rollout(self, step: int):
+        rollout, metrics = super().rollout(step)
         if step == 0 and self.dump is not None:
             torch.save({"local": self._local, "rollout": rollout, "metrics": metrics}, self.dump)
         return rollout, metrics
 
-    def _even_out(self, groups):
-        out = super()._even_out(groups)
-        self.micro_batches.append([len(groups), len(out)])
+    def micro_batches(self, rows, lengths, prompt_width):
+        out = super().micro_batches(rows, lengths, prompt_width)
+        own = split_micro_batches(rows, lengths, prompt_width, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
+        self.groupings.append([len(own), len(out)])
         return out
 
 
@@ -176,7 +176,7 @@ def main() -> None:
     record = {
         "rank": rank, "num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
         "refused": refused,
-        "shards": straight.shards, "metrics": metrics, "micro_batches": straight.micro_batches,
+        "shards": straight.shards, "metrics": metrics, "micro_batches": straight.groupings,
         "policy": weights_hash(acc, straight.policy),
         "critic": weights_hash(acc, straight.critic),
     }

@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.problems import save_problems
 from training import ppo
-from training.trainer import PPOTrainer, Rollout, Scored
+from training.experience import Rollout, Scored, experience
+from training.trainer import PPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,7 +233,7 @@ def test_two_processes_make_the_update_one_process_makes_on_the_same_rollouts(
         model_cfg=ModelConfig(), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(),
     )
     assert single.world == 1
-    single._build()
+    single.setup()
 
     locals_ = [d["local"] for d in step0]
     width = max(s.response_mask.shape[1] for s in locals_)
@@ -241,7 +242,7 @@ def test_two_processes_make_the_update_one_process_makes_on_the_same_rollouts(
         *(torch.cat([pad_right(getattr(s, f), width) for s in locals_]) for f in per_token),
         *(torch.cat([getattr(s, f) for s in locals_]) for f in ("scores", "correct", "boxed", "truncated")),
     )
-    advantages, returns, metrics = single._experience(batch)
+    advantages, returns, metrics = experience(batch, single.cfg)
     for r, d in enumerate(step0):
         rows, w = slice(4 * r, 4 * (r + 1)), d["rollout"].advantages.shape[1]
         torch.testing.assert_close(advantages[rows, :w], d["rollout"].advantages, atol=1e-6, rtol=0)
@@ -264,7 +265,7 @@ def test_two_processes_make_the_update_one_process_makes_on_the_same_rollouts(
         *(torch.cat([pad_right(getattr(ro, f), width) for ro in ros])
           for f in ("response_mask", "logprobs", "values", "advantages", "returns")),
     )
-    stats = single._update(union)
+    stats = single.update(union)
     logged = ranks(out)[0]["metrics"][0]
     for key in ("policy_loss", "value_loss", "grad_norm_actor", "grad_norm_critic", "clip_frac", "approx_kl"):
         assert stats[key] == pytest.approx(logged[key], rel=1e-4, abs=1e-7), key

@@ -20,10 +20,10 @@ from bench.mechanism import tiny_policy
 from concise_rl.config import PromptConfig
 from concise_rl.synthetic import generate_problems
 from training import kv_decode
+from training.experience import policy_forward
 from training.generation import eos_token_ids, generate
 from training.models import format_prompt, load_tokenizer
 from training.ppo import response_mask
-from training.trainer import policy_forward
 
 
 @pytest.fixture(scope="module")

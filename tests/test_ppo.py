@@ -1,4 +1,4 @@
-"""PPO's equations (training/ppo.py) and the padded forward passes of training/trainer.py.
+"""PPO's equations (training/ppo.py) and the padded forward passes of training/experience.py.
 
 Every check compares against values computed by hand or by a plain reference
 implementation written here, never against the code under test itself.
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from training import ppo
+from training.experience import critic_forward, policy_forward, position_ids
 from training.models import Critic
-from training.trainer import critic_forward, policy_forward, position_ids
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -84,16 +84,16 @@ def test_pure_bf16_adamw_would_round_the_same_updates_away() -> None:
 
 def test_bf16_starts_with_zero_kl_and_samples_from_a_bf16_copy(tiny_model_dir: Path, tmp_path: Path) -> None:
     trainer = make_trainer(tiny_model_dir, tmp_path, model_cfg=ModelConfig(dtype="bfloat16"), steps=1)
-    trainer._build()
+    trainer.setup()
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
     assert {p.dtype for p in trainer.critic.parameters()} == {torch.float32}
     assert {p.dtype for p in trainer.opt_actor.param_groups[0]["params"]} == {torch.float32}
     assert {p.dtype for p in trainer.ref.parameters()} == {torch.float32}, "computes as the policy does"
-    with trainer._generation_model() as sampler:
+    with trainer.generation_model() as sampler:
         assert {p.dtype for p in sampler.parameters()} == {torch.bfloat16}
         torch.testing.assert_close(sampler.lm_head.weight, policy.lm_head.weight.to(torch.bfloat16), rtol=0, atol=0)
-    _, metrics = trainer._rollout(0)
+    _, metrics = trainer.rollout(0)
     assert metrics["kl"] == 0.0
 
 

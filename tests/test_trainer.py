@@ -109,9 +109,9 @@ def test_rollout_logprobs_from_the_kv_engine_match_a_recompute(tiny_model_dir: P
     rollouts = {}
     for mode in ("reuse", "recompute"):
         trainer = make_trainer(tiny_model_dir, tmp_path / mode, rollout_logprobs=mode)
-        trainer._build()
+        trainer.setup()
         torch.manual_seed(7)
-        rollouts[mode] = trainer._rollout(0)
+        rollouts[mode] = trainer.rollout(0)
     (a, ma), (b, mb) = rollouts["reuse"], rollouts["recompute"]
     assert torch.equal(a.input_ids, b.input_ids)
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
@@ -122,15 +122,15 @@ def test_rollout_logprobs_from_the_kv_engine_match_a_recompute(tiny_model_dir: P
 def test_reuse_needs_the_kv_engine(tiny_model_dir: Path, tmp_path: Path) -> None:
     trainer = make_trainer(tiny_model_dir, tmp_path, rollout_logprobs="reuse")
     trainer.model_cfg = ModelConfig(generation_engine="hf")
-    trainer._build()
+    trainer.setup()
     with pytest.raises(ValueError, match="rollout_logprobs='reuse' needs the KV generation engine"):
-        trainer._rollout(0)
+        trainer.rollout(0)
 
 
 def test_micro_batches_group_by_length_within_the_token_budget(tiny_model_dir: Path, tmp_path: Path) -> None:
     trainer = make_trainer(tiny_model_dir, tmp_path, micro_batch_size=2, micro_batch_tokens=40)
     lengths = torch.tensor([5, 30, 12, 1, 25, 7])
-    groups = trainer._micro_batches(torch.arange(6), lengths, prompt_width=10)
+    groups = trainer.micro_batches(torch.arange(6), lengths, prompt_width=10)
     # Widths 40, 35, 22 fit one row in 40 tokens; 17 fits two; the 2-row cap applies too.
     assert [g.tolist() for g in groups] == [[1], [4], [2], [5, 0], [3]]
     assert sorted(torch.cat(groups).tolist()) == list(range(6))
@@ -274,9 +274,9 @@ def test_logprobs_are_scored_at_the_logprob_temperature(tiny_model_dir: Path, tm
     first update's ratio is exactly 1."""
     trainer = make_trainer(tiny_model_dir, tmp_path, steps=1, temperature=0.6, mini_batch_size=4,
                            micro_batch_size=4, logprob_temperature=logprob_temperature)
-    trainer._build()
+    trainer.setup()
     torch.manual_seed(3)
-    ro, metrics = trainer._rollout(0)
+    ro, metrics = trainer.rollout(0)
     width = ro.response_mask.shape[1]
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     with torch.no_grad():
@@ -289,13 +289,13 @@ def test_logprobs_are_scored_at_the_logprob_temperature(tiny_model_dir: Path, tm
     assert (ro.logprobs - other).abs().mul(ro.response_mask).max() > 1e-2, "the two temperatures differ"
     # One mini-batch, updated once: the new log-probs are taken before the step, at the same temperature
     # (by default reused from the sampling pass, which agrees with the training forward to ~1e-6).
-    stats = trainer._update(ro)
+    stats = trainer.update(ro)
     assert stats["approx_kl"] < 1e-10 and stats["clip_frac"] == 0.0
 
 
 def test_the_sampling_passs_logprobs_are_not_reused_at_another_temperature(tiny_model_dir: Path,
                                                                          tmp_path: Path) -> None:
     trainer = make_trainer(tiny_model_dir, tmp_path, logprob_temperature=1.0, rollout_logprobs="reuse")
-    trainer._build()
+    trainer.setup()
     with pytest.raises(ValueError, match="ppo.logprob_temperature=1.0 asks for others"):
-        trainer._rollout(0)
+        trainer.rollout(0)

@@ -21,19 +21,28 @@ and names the first step that breaks it:
   collapse: the demo's phase 2 reaches steps where every response is correct, and
   those still shorten responses, which is the paper's mechanism.
 
-This module decides; the trainer stops, keeps its last checkpoint and writes the
-stop record (``stopped.json``) that the pipeline reads to refuse registering or
-promoting the run.
+This module decides, and keeps the stop record (``stopped.json``, :class:`StopRecord`)
+that the pipeline reads to refuse registering or promoting the run; the trainer stops
+and keeps its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-from concise_rl.config import GuardConfig
+from concise_rl.config import GuardConfig, PPOConfig
+from concise_rl.errors import TrainingGuardError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
 
 STOP_FILE = "stopped.json"
 # Metrics whose NaN or inf means the update itself went wrong.
@@ -110,3 +119,74 @@ def read_stop(out_dir: str | Path) -> dict | None:
         return json.loads((Path(out_dir) / STOP_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+class StopRecord:
+    """The stop record of one PPO run (``run_key``: same start, data and settings) in ``out_dir``.
+
+    Every process holds one; the main process alone writes and removes the file.
+    """
+
+    def __init__(self, out_dir: Path, run_key: str, cfg: PPOConfig, accelerator: Accelerator):
+        self.path = out_dir / STOP_FILE
+        self.out_dir = out_dir
+        self.run_key = run_key
+        self.cfg = cfg
+        self.accelerator = accelerator
+
+    def read(self) -> dict | None:
+        """What a guard recorded when it stopped this exact run (same start, data, settings); None if it did not."""
+        stop = read_stop(self.out_dir)
+        return stop if stop is not None and stop.get("run_key") == self.run_key else None
+
+    def stop(self, trip: Trip, metrics: dict[str, float], latest: Path | None) -> NoReturn:
+        """Record the stop in ``stopped.json`` (the main process) and raise on every process.
+
+        The step that tripped is never checkpointed, so the ``latest`` checkpoint is the
+        last good one; for a non-finite step that also keeps the poisoned weights off disk.
+        """
+        if latest is not None:
+            kept_step = json.loads((latest / "trainer_state.json").read_text())["step"]
+            kept = f"Kept the last good checkpoint {latest} (step {kept_step}); nothing after it was saved"
+        else:
+            kept_step = None
+            kept = (f"No checkpoint was written before it (ppo.checkpoint_every={self.cfg.checkpoint_every}), "
+                    "and nothing of this run was saved")
+        streak = f" (and at every step since step {trip.since})" if trip.since != trip.step else ""
+        message = (
+            f"PPO in {self.out_dir} stopped at step {trip.step} by the {trip.guard} guard: {trip.metric} was "
+            f"{trip.value:.4g}{streak}; threshold: {trip.threshold}. {kept}. "
+            f"What to do: {trip.advice}; then run again."
+        )
+        stop = {
+            **trip.as_dict(), "run_key": self.run_key, "guards": self.cfg.guards.model_dump(mode="json"),
+            "checkpoint": str(latest) if latest else None, "checkpoint_step": kept_step, "message": message,
+            "metrics": metrics,
+        }
+        if self.accelerator.is_main_process:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(stop, indent=2))
+            os.replace(tmp, self.path)
+        log.error(message)
+        raise TrainingGuardError(message, stop)
+
+    def raise_if_stopped(self) -> None:
+        """Raise the recorded stop again if a guard stopped this run and its guards are unchanged.
+
+        With the same guards the run would only stop again (it resumes from the same
+        checkpoint with the same random state), so it is not retried. With other guard
+        settings the record is cleared and the trainer resumes from the kept checkpoint.
+        """
+        stop = self.read()
+        if stop is None:
+            return
+        path = self.path
+        if stop.get("guards") == self.cfg.guards.model_dump(mode="json"):
+            raise TrainingGuardError(
+                f"{stop['message']} (Recorded in {path} by an earlier run with these settings; change them, or "
+                "delete that file to retry from the checkpoint.)", stop,
+            )
+        log.info("the guards changed since a guard stopped this run (%s); resuming from its last checkpoint", path)
+        self.accelerator.wait_for_everyone()  # every process has read the record before it goes
+        if self.accelerator.is_main_process:
+            path.unlink(missing_ok=True)

@@ -1,48 +1,43 @@
-"""The PPO loop: rollout, score, advantages, clipped updates, checkpoints.
+"""The PPO loop: rollout, score, advantages, clipped updates; checkpoints through training/checkpoint.py.
 
 Run through accelerate so the same code runs in one process on a CPU, data-parallel
 over N processes (DDP), and under DeepSpeed ZeRO-2/3. The policy and the critic each
 have an optimiser and a cosine schedule; the reference model is a frozen copy of the
 starting policy used only for the KL penalty, never given to an optimiser.
 
-Data parallelism: every process samples its own equal share of the step's prompts
-and scores its rollouts; the per-token results are gathered so that everything the
-single-process trainer computes over the whole batch (GAE inputs, advantage
-whitening, logged metrics) is computed over the whole step's batch, identically on
-every process. Each process then updates on its own rows with the losses normalised
-by the whole mini-batch, and DDP (or DeepSpeed) averages the gradients, so N
-processes make the update one process would make on the same rollouts.
+Data parallelism (training/distributed.py): every process samples its own equal share
+of the step's prompts and scores its rollouts; the per-token results are gathered so
+that everything the single-process trainer computes over the whole batch (GAE inputs,
+advantage whitening, logged metrics) is computed over the whole step's batch,
+identically on every process. Each process then updates on its own rows with the
+losses normalised by the whole mini-batch, and DDP (or DeepSpeed) averages the
+gradients, so N processes make the update one process would make on the same rollouts.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list
-from safetensors.torch import save_file
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig, stable_hash
-from concise_rl.errors import DiskFullError, TrainingGuardError
+from concise_rl.errors import TrainingGuardError
 from concise_rl.problems import Problem, problems_hash
 from evaluation.grader import Grade
-from training import guards, ppo
+from training import distributed, guards, ppo
+from training.checkpoint import Checkpointer, Models
+from training.experience import Rollout, Scored, critic_forward, experience, policy_forward, reuse_rollout_logprobs
 from training.generation import Generation, check_prompt_lengths, generate
 from training.models import Critic, format_prompt, freeze_all_but_top_layers, load_policy, load_tokenizer
 from training.precision import training_precision
@@ -56,71 +51,15 @@ Scorer = Callable[[list[str], list[str]], tuple[list[Grade], list[float]]]
 # Process r of N samples with seed + r * RANK_SEED_STRIDE, so processes draw different responses
 # (process 0, and a single process, keep the seed as it is).
 RANK_SEED_STRIDE = 1_000_003
-# A write that failed while the disk had less than this free is taken for a full disk: torch.save and
-# safetensors report a short write without the OS error (ENOSPC) behind it.
-NEARLY_FULL_BYTES = 1024 * 1024
-
-
-def zero_stage(accelerator: Accelerator) -> int | None:
-    """The DeepSpeed ZeRO stage ``accelerator`` runs under; None without DeepSpeed."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    return int(accelerator.state.deepspeed_plugin.zero_stage)
-
-
-@dataclass
-class Rollout:
-    """One step's experience; every [batch, ...] tensor is on the CPU until used."""
-
-    input_ids: torch.Tensor  # [batch, prompt_len + response_len]
-    attention_mask: torch.Tensor  # [batch, prompt_len + response_len]
-    response_mask: torch.Tensor  # [batch, response_len]
-    logprobs: torch.Tensor  # [batch, response_len]
-    values: torch.Tensor  # [batch, response_len]
-    advantages: torch.Tensor  # [batch, response_len]
-    returns: torch.Tensor  # [batch, response_len]
-
-
-@dataclass
-class Scored:
-    """What advantages and metrics are computed from: sampled, scored and run through the
-    reference, the critic and (unless reused) the policy. One process's rows, or the whole
-    step's batch gathered from every process, in process order."""
-
-    response_mask: torch.Tensor  # [batch, response_len]
-    logprobs: torch.Tensor  # [batch, response_len]
-    ref_logprobs: torch.Tensor  # [batch, response_len]
-    values: torch.Tensor  # [batch, response_len], 0 after EOS
-    entropy: torch.Tensor  # [batch, response_len]
-    scores: torch.Tensor  # [batch], float
-    correct: torch.Tensor  # [batch], bool
-    boxed: torch.Tensor  # [batch], bool
-    truncated: torch.Tensor  # [batch], bool
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, so a padded prompt sees the same positions."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def policy_forward(model, input_ids, attention_mask, response_len: int, temperature: float, tokens):
-    """Log-probs (and logits) of ``tokens``, the last ``response_len`` ids of ``input_ids``."""
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-    ).logits
-    # Logits at position i predict token i+1. Divided in float32: bf16 logits (autocast) keep 8 bits.
-    logits = logits[:, -response_len - 1 : -1].float() / temperature  # [batch, response_len, vocab]
-    return ppo.logprobs_from_logits(logits, tokens), logits
-
-
-def critic_forward(critic, input_ids, attention_mask, response_len: int) -> torch.Tensor:
-    """V(s_t) for each response token t: the value of the state that emitted it.  # [batch, response_len]"""
-    values = critic(input_ids, attention_mask, position_ids(attention_mask))
-    return values[:, -response_len - 1 : -1]
 
 
 class PPOTrainer:
     """Trains a policy with PPO on ``problems`` and writes checkpoints to ``out_dir``.
+
+    :meth:`train` runs the whole phase: it resumes from this run's last checkpoint, and
+    checkpoints, logs and checks the guards after each :meth:`step`. :meth:`setup`,
+    :meth:`step`, :meth:`rollout` and :meth:`update` are its parts, for a benchmark or
+    a test that takes steps without writing anything.
 
     Under N processes (``accelerate launch``) every process runs this with the same
     arguments; ``on_step`` is called on every process with the same metrics (those of
@@ -155,14 +94,11 @@ class PPOTrainer:
         self.problems = problems
         self.policy_path = policy_path
         self.out_dir = Path(out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
         self.on_step = on_step
-        self.on_checkpoint = on_checkpoint
-        self.keep_checkpoints = keep_checkpoints
         self.accelerator = accelerator or Accelerator()
         self.world = self.accelerator.num_processes
-        self._check_divides_across_processes()
-        self._zero = zero_stage(self.accelerator)
+        distributed.check_divides_across_processes(ppo_cfg, self.world)
+        self._zero = distributed.zero_stage(self.accelerator)
         # float32 master weights and optimizer states whatever model.dtype says (training/precision.py).
         self.precision = training_precision(
             model_cfg.dtype, self.accelerator.mixed_precision, deepspeed=self._zero is not None
@@ -182,33 +118,31 @@ class PPOTrainer:
         if self.world > 1:
             # One key for all: a process may have resolved the start model to a path of its own.
             self.run_key = broadcast_object_list([self.run_key])[0]
-        self.step = 0
+        self.steps_done = 0  # steps taken so far, resumed ones too; the next step's index
         # The prompts are checked here, before any model is loaded or step is taken, so a problem
         # whose prompt cannot fit fails the run at once instead of at the step that first draws it.
         self.tokenizer = load_tokenizer(policy_path, trust_remote_code=model_cfg.trust_remote_code, prompt=prompt_cfg)
         self.prompts = [format_prompt(p.prompt, self.tokenizer, prompt_cfg) for p in problems]
         check_prompt_lengths(self.tokenizer, self.prompts, [p.id for p in problems], prompt_cfg.max_prompt_tokens)
+        self.checkpointer = Checkpointer(
+            self.out_dir, self.accelerator, run_key=self.run_key, base_policy=str(policy_path),
+            problems_hash=self.problems_hash, tokenizer=self.tokenizer, precision=self.precision, zero=self._zero,
+            keep=keep_checkpoints, on_checkpoint=on_checkpoint,
+        )
+        self.ckpt_dir = self.checkpointer.ckpt_dir
+        self.stops = guards.StopRecord(self.out_dir, self.run_key, ppo_cfg, self.accelerator)
         self._history: list[dict] = []  # metrics rows of the steps so far (resumed ones too), for the guards
-
-    def _check_divides_across_processes(self) -> None:
-        n, cfg = self.world, self.cfg
-        if cfg.prompts_per_step % n:
-            raise ValueError(
-                f"ppo.prompts_per_step={cfg.prompts_per_step} does not divide among {n} processes: each process "
-                f"samples an equal share of the step's prompts; set it to a multiple of {n} or launch fewer processes"
-            )
-        if cfg.mini_batch_size % n:
-            raise ValueError(
-                f"ppo.mini_batch_size={cfg.mini_batch_size} does not divide among {n} processes: each process "
-                f"trains on an equal share of every mini-batch; set it to a multiple of {n} or launch fewer processes"
-            )
+        self._ready = False
 
     # ----------------------------------------------------------------- setup
-    def _build(self) -> None:
+    def setup(self) -> None:
+        """Seed, load the models and build their optimizers and schedules; once (later calls do nothing)."""
+        if self._ready:
+            return
         acc = self.accelerator
         self._seed_everything(self.cfg.seed)
         if self._zero is not None:
-            self._configure_deepspeed()
+            distributed.configure_deepspeed(acc, self.cfg)
         dtype = self.precision.load
         policy = load_policy(self.policy_path, self.model_cfg, dtype=dtype)
         if self.cfg.actor_trainable_layers is not None:
@@ -243,27 +177,20 @@ class PPOTrainer:
         # The schedules stay outside accelerate: its scheduler wrapper steps once per process
         # (N times per update under N processes), and here every process steps its own once.
         self.sched_actor, self.sched_critic = schedule(opt_actor), schedule(opt_critic)
-        if self._zero is None:
-            self.policy, self.critic, self.opt_actor, self.opt_critic = acc.prepare(
-                policy, critic, opt_actor, opt_critic
-            )
-        else:
-            # accelerate takes one model per prepare() under DeepSpeed: one engine for each, and
-            # the reference in an engine of its own with no optimizer (ZeRO-3: sharded like the others).
-            from trl.models.utils import prepare_deepspeed
+        self.policy, self.critic, self.opt_actor, self.opt_critic, self.ref = distributed.prepare(
+            acc, policy, critic, opt_actor, opt_critic, self.ref
+        )
+        self._ready = True
 
-            self.policy, self.opt_actor = acc.prepare(policy, opt_actor)
-            self.critic, self.opt_critic = acc.prepare(critic, opt_critic)
-            self.ref = prepare_deepspeed(self.ref, acc)
+    def release(self) -> None:
+        """Drop the models, optimizers and schedules, so ``accelerator.free_memory()`` can give their
+        memory back (a benchmark does before another run starts); :meth:`setup` builds them afresh."""
+        self.policy = self.critic = self.ref = self._sampler = self.opt_actor = self.opt_critic = None
+        self.sched_actor = self.sched_critic = None
+        self._ready = False
 
-    def _configure_deepspeed(self) -> None:
-        """Settings the DeepSpeed config must take from the PPO config (no dataloader sets them)."""
-        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = self.cfg.micro_batch_size
-        ds["gradient_clipping"] = self.cfg.max_grad_norm  # DeepSpeed clips inside its step
-        # The trainer marks the end of each mini-batch itself (_backward), however many micro-batches it had.
-        ds["gradient_accumulation_steps"] = 1
-        ds["train_batch_size"] = "auto"  # accelerate fills it in: micro-batch x processes
+    def _models(self) -> Models:
+        return Models(self.policy, self.critic, self.opt_actor, self.opt_critic, self.sched_actor, self.sched_critic)
 
     def _minibatches_per_epoch(self) -> int:
         return self.cfg.prompts_per_step * self.cfg.samples_per_prompt // self.cfg.mini_batch_size
@@ -274,7 +201,7 @@ class PPOTrainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def _batch_indices(self, step: int) -> list[int]:
+    def batch_indices(self, step: int) -> list[int]:
         """Problems of one step: a fresh permutation per pass over the set, fixed by the seed.
 
         Derived from the step alone, so a resumed run draws the same data as an uninterrupted one.
@@ -288,20 +215,9 @@ class PPOTrainer:
             out.extend(perm[offset : offset + k - len(out)].tolist())
         return out
 
-    def _shard_indices(self, step: int) -> list[int]:
-        """This process's problems of one step: an equal, contiguous share of ``_batch_indices``.
-
-        In process order the shards make up the step's problems, so the gathered rollouts
-        are in the order a single process would have them.
-        """
-        batch = self._batch_indices(step)
-        share = len(batch) // self.world
-        rank = self.accelerator.process_index
-        return batch[rank * share : (rank + 1) * share]
-
     # ----------------------------------------------------------------- rollout
     @contextlib.contextmanager
-    def _generation_model(self) -> Iterator[torch.nn.Module]:
+    def generation_model(self) -> Iterator[torch.nn.Module]:
         """The policy as a plain Hugging Face model to sample from (ZeRO-3: its parameters gathered;
         mixed precision without DeepSpeed: the model.dtype copy, brought up to date)."""
         if self._zero == 3:
@@ -325,13 +241,17 @@ class PPOTrainer:
             dst.copy_(src)
 
     @torch.no_grad()
-    def _rollout(self, step: int) -> tuple[Rollout, dict[str, float]]:
+    def sample(self, step: int) -> tuple[torch.Tensor, torch.Tensor, Scored]:
+        """This process's share of step ``step``: sampled, scored, and run through the reference, the
+        critic and (unless reused) the policy. Its token ids and attention mask ([rows, prompt width +
+        response width]) and what was scored of them; :meth:`rollout` turns them into experience."""
         cfg, acc = self.cfg, self.accelerator
         # Old log-probs and values must come from the same (dropout-free) mode as sampling.
         self.policy.eval()
         self.critic.eval()
-        idx = [i for i in self._shard_indices(step) for _ in range(cfg.samples_per_prompt)]
-        with self._generation_model() as model:
+        shard = distributed.shard_indices(acc, self.batch_indices(step))
+        idx = [i for i in shard for _ in range(cfg.samples_per_prompt)]
+        with self.generation_model() as model:
             gen: Generation = generate(
                 model,
                 self.tokenizer,
@@ -352,7 +272,7 @@ class PPOTrainer:
         grades, scores = self.scorer(gen.texts, [self.problems[i].answer for i in idx])
         scores = torch.tensor(scores, dtype=torch.float32)
 
-        reuse = self._reuse_rollout_logprobs(gen)
+        reuse = reuse_rollout_logprobs(gen, cfg, self.logprob_temperature, self.precision.mixed)
         logprobs, ref_logprobs, values, entropy = [], [], [], []
         for s in range(0, len(idx), cfg.micro_batch_size):
             ids = input_ids[s : s + cfg.micro_batch_size].to(acc.device)
@@ -377,89 +297,28 @@ class PPOTrainer:
             boxed=torch.tensor([g.boxed for g in grades]),
             truncated=gen.truncated,
         )
-        advantages, returns, metrics = self._experience(self._gather(local))
+        return input_ids, attention_mask, local
+
+    @torch.no_grad()
+    def rollout(self, step: int) -> tuple[Rollout, dict[str, float]]:
+        """Step ``step``'s experience (this process's rows) and metrics, both over the whole step's batch."""
+        acc = self.accelerator
+        input_ids, attention_mask, local = self.sample(step)
+        advantages, returns, metrics = experience(distributed.gather(acc, local), self.cfg)
         if self.world > 1:
             # This process's rows of the whole batch, cut back to its own response width.
-            rows = slice(acc.process_index * len(idx), (acc.process_index + 1) * len(idx))
+            n, width = local.response_mask.shape
+            rows = slice(acc.process_index * n, (acc.process_index + 1) * n)
             advantages, returns = advantages[rows, :width], returns[rows, :width]
-        return Rollout(input_ids, attention_mask, mask, logprobs, values, advantages, returns), metrics
-
-    def _experience(self, batch: Scored) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Advantages, returns and the step's metrics, over ``batch`` as a whole."""
-        cfg, mask = self.cfg, batch.response_mask
-        rewards, kl = ppo.token_rewards(batch.scores, batch.logprobs, batch.ref_logprobs, mask, cfg.kl_coef)
-        advantages, returns = ppo.gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
-        if cfg.advantage_norm != "none":
-            advantages = ppo.masked_whiten(advantages, mask, shift_mean=cfg.advantage_norm == "whiten")
-
-        lengths = mask.sum(1)
-        correct = batch.correct
-        metrics = {
-            "reward": batch.scores.mean().item(),
-            "accuracy": correct.float().mean().item(),
-            "boxed_rate": float(np.mean(batch.boxed.numpy())),
-            "response_length": lengths.mean().item(),
-            "response_length_correct": lengths[correct].mean().item() if correct.any() else float("nan"),
-            "response_length_incorrect": lengths[~correct].mean().item() if (~correct).any() else float("nan"),
-            "truncation_rate": batch.truncated.float().mean().item(),
-            "kl": (kl.sum(1)).mean().item(),
-            "entropy": ppo.masked_mean(batch.entropy, mask).item(),
-            "explained_variance": ppo.explained_variance(batch.values, returns, mask),
-            "generated_tokens": lengths.sum().item(),
-        }
-        return advantages, returns, metrics
-
-    def _gather(self, local: Scored) -> Scored:
-        """Every process's rows in process order, right-padded with zeros to one response width
-        (padding is masked out of everything computed from it). One process: ``local`` itself."""
-        if self.world == 1:
-            return local
-        acc = self.accelerator
-
-        def rows(t: torch.Tensor) -> torch.Tensor:  # [rows] from every process
-            return acc.gather(t.float().to(acc.device)).cpu()
-
-        def tokens(t: torch.Tensor) -> torch.Tensor:  # [rows, width] from every process
-            return acc.gather(acc.pad_across_processes(t.float().to(acc.device), dim=1)).cpu()
-
-        return Scored(
-            tokens(local.response_mask), tokens(local.logprobs), tokens(local.ref_logprobs), tokens(local.values),
-            tokens(local.entropy), rows(local.scores), rows(local.correct).bool(), rows(local.boxed).bool(),
-            rows(local.truncated).bool(),
+        rollout = Rollout(
+            input_ids, attention_mask, local.response_mask, local.logprobs, local.values, advantages, returns
         )
-
-    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        """``values`` summed (or their maximum taken) over all processes."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-        reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
-        torch.distributed.all_reduce(t, op=reduce_op)
-        return t.tolist()
-
-    def _reuse_rollout_logprobs(self, gen: Generation) -> bool:
-        """Whether the sampling pass's log-probs stand in for a training forward (see PPOConfig)."""
-        if gen.logprobs is None:
-            if self.cfg.rollout_logprobs == "reuse":
-                raise ValueError(
-                    "ppo.rollout_logprobs='reuse' needs the KV generation engine (model.generation_engine "
-                    "'auto' or 'kv', on a Qwen2/Llama/Mistral model); set ppo.rollout_logprobs to 'auto' or 'recompute'"
-                )
-            return False
-        if self.logprob_temperature != self.cfg.temperature:
-            if self.cfg.rollout_logprobs == "reuse":
-                raise ValueError(
-                    f"ppo.rollout_logprobs='reuse' takes the log-probs the sampler drew at ppo.temperature="
-                    f"{self.cfg.temperature}, but ppo.logprob_temperature={self.logprob_temperature} asks for others; "
-                    "set ppo.rollout_logprobs to 'auto' or 'recompute'"
-                )
-            return False
-        if self.cfg.rollout_logprobs == "auto":
-            # Mixed precision (the sampling copy and autocast, or DeepSpeed's bf16 weights) changes the
-            # training forward.
-            return not self.precision.mixed
-        return self.cfg.rollout_logprobs == "reuse"
+        return rollout, metrics
 
     # ----------------------------------------------------------------- update
-    def _update(self, ro: Rollout) -> dict[str, float]:
+    def update(self, ro: Rollout) -> dict[str, float]:
+        """``ppo_epochs`` passes of clipped PPO updates over this process's rows of ``ro``; the losses,
+        gradient norms and learning rates, over the whole step's batch."""
         cfg, acc = self.cfg, self.accelerator
         n, width = ro.response_mask.shape
         stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": [], "approx_kl": []}
@@ -479,11 +338,9 @@ class PPOTrainer:
                     # rows, already is the whole count over N): each process's loss is then N times its
                     # share of the whole mini-batch's loss, and the average of the processes'
                     # gradients, which DDP and DeepSpeed take, is the whole mini-batch's gradient.
-                    num_tokens = self._all_reduce([num_tokens])[0] / self.world
+                    num_tokens = distributed.all_reduce(acc, [num_tokens])[0] / self.world
                 totals = dict.fromkeys(stats, 0.0)
-                groups = self._micro_batches(mb, lengths, prompt_width)
-                if self.world > 1:
-                    groups = self._even_out(groups)
+                groups = self.micro_batches(mb, lengths, prompt_width)
                 for g, ub in enumerate(groups):
                     # Each micro-batch is cut to its own longest response: the rest is padding.
                     w = max(int(lengths[ub].max()), 1)
@@ -500,7 +357,8 @@ class PPOTrainer:
                     pg_loss = ppo.aggregate(pg_mat, mask, cfg.loss_agg_mode, **agg)
                     vf_mat = ppo.value_loss_matrix(v, old_v, ret, cfg.value_clip_range)
                     vf_loss = ppo.aggregate(vf_mat, mask, cfg.loss_agg_mode, **agg)
-                    self._backward(pg_loss, vf_loss, sync=g == len(groups) - 1)
+                    distributed.backward(acc, self.policy, self.critic, pg_loss, vf_loss, vf_coef=cfg.vf_coef,
+                                         sync=g == len(groups) - 1)
                     share = mask.sum().item() / max(num_tokens, 1)
                     totals["policy_loss"] += pg_loss.item()
                     totals["value_loss"] += vf_loss.item()
@@ -513,7 +371,7 @@ class PPOTrainer:
                     if self._zero is None:
                         norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                         opt.step()
-                    else:  # DeepSpeed clipped and stepped at the end of the mini-batch (_backward)
+                    else:  # DeepSpeed clipped and stepped at the end of the mini-batch (distributed.backward)
                         norm = model.get_global_grad_norm()
                     stats.setdefault(f"grad_norm_{name}", []).append(float("nan") if norm is None else float(norm))
                     sched.step()
@@ -524,158 +382,68 @@ class PPOTrainer:
         if self.world > 1:
             # Each process's losses are its share of the whole mini-batch's, times N (see above).
             keys = sorted(out)
-            out = dict(zip(keys, (v / self.world for v in self._all_reduce([out[k] for k in keys])), strict=True))
+            out = dict(zip(keys, (v / self.world for v in distributed.all_reduce(acc, [out[k] for k in keys])),
+                           strict=True))
         out["lr_actor"] = self.sched_actor.get_last_lr()[0]
         out["lr_critic"] = self.sched_critic.get_last_lr()[0]
         return out
 
-    def _backward(self, pg_loss: torch.Tensor, vf_loss: torch.Tensor, *, sync: bool) -> None:
-        """Accumulate one micro-batch's gradients; ``sync`` on the last of a mini-batch.
+    def micro_batches(self, rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int) -> list[torch.Tensor]:
+        """The micro-batches this process runs for one mini-batch's ``rows`` (:func:`split_micro_batches`),
+        split further, under N processes, until it has as many as every other (distributed.even_out)."""
+        cfg = self.cfg
+        groups = split_micro_batches(rows, lengths, prompt_width, cfg.micro_batch_size, cfg.micro_batch_tokens)
+        return distributed.even_out(self.accelerator, groups) if self.world > 1 else groups
 
-        Under DDP the gradients are averaged over the processes once, on the last micro-batch.
-        Under DeepSpeed each engine runs its own backward and, on the last micro-batch, its
-        step (clip, optimizer, zero grad): accelerate's backward drives only one engine.
-        """
-        acc, cfg = self.accelerator, self.cfg
-        if self._zero is not None:
-            for engine, loss in ((self.policy, pg_loss), (self.critic, cfg.vf_coef * vf_loss)):
-                engine.set_gradient_accumulation_boundary(sync)
-                engine.backward(loss)
-                if sync:
-                    engine.step()
-            return
-        loss = pg_loss + cfg.vf_coef * vf_loss
-        if sync or self.world == 1:
-            acc.backward(loss)
-            return
-        with acc.no_sync(self.policy), acc.no_sync(self.critic):
-            acc.backward(loss)
-
-    def _even_out(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Split micro-batches until this process has as many as the process with the most.
-
-        Every process must run as many forwards and backwards per mini-batch: under ZeRO-3
-        each is a collective. Possible because all hold the same number of rows and every
-        micro-batch has at least one; the loss is normalised by the mini-batch, so the
-        split changes nothing but the grouping.
-        """
-        target = int(self._all_reduce([len(groups)], "max")[0])
-        groups = list(groups)
-        while len(groups) < target:
-            i = max(range(len(groups)), key=lambda j: len(groups[j]))
-            half = (len(groups[i]) + 1) // 2
-            groups[i : i + 1] = [groups[i][:half], groups[i][half:]]
-        return groups
-
-    def _micro_batches(self, rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int) -> list[torch.Tensor]:
-        """``rows`` of one mini-batch in micro-batches, longest responses first.
-
-        At most ``micro_batch_size`` rows each and, with ``micro_batch_tokens``, at most
-        that many padded tokens (rows x (prompt width + the group's longest response)).
-        The loss is normalised by the whole mini-batch, so the grouping changes nothing
-        but the padding computed.
-        """
-        rows = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
-        budget = self.cfg.micro_batch_tokens
-        groups, start = [], 0
-        while start < len(rows):
-            width = prompt_width + max(int(lengths[rows[start]]), 1)  # the group's widest row comes first
-            size = self.cfg.micro_batch_size
-            if budget is not None:
-                size = max(1, min(size, budget // width))
-            groups.append(rows[start : start + size])
-            start += size
-        return groups
-
+    # ----------------------------------------------------------------- guards
     def _check_guards(self, metrics: dict[str, float]) -> None:
         """Stop the phase if this step trips a guard (training/guards.py), before anything of it is saved."""
-        self._history.append({"step": self.step, **metrics})
+        self._history.append({"step": self.steps_done, **metrics})
         finite = guards.FINITE_KEYS
         if self._zero is None:  # DeepSpeed may report no gradient norm (logged as NaN)
             finite += ("grad_norm_actor", "grad_norm_critic")
         trip = guards.check(self._history, self.cfg.guards, finite)
         if trip is not None:
-            self._stop(trip, metrics)
-
-    def _stop(self, trip: guards.Trip, metrics: dict[str, float]) -> NoReturn:
-        """Record the stop in ``stopped.json`` (the main process) and raise on every process.
-
-        The step that tripped is never checkpointed, so the ``latest`` checkpoint is the
-        last good one; for a non-finite step that also keeps the poisoned weights off disk.
-        """
-        latest = self._latest_checkpoint()
-        if latest is not None:
-            kept_step = json.loads((latest / "trainer_state.json").read_text())["step"]
-            kept = f"Kept the last good checkpoint {latest} (step {kept_step}); nothing after it was saved"
-        else:
-            kept_step = None
-            kept = (f"No checkpoint was written before it (ppo.checkpoint_every={self.cfg.checkpoint_every}), "
-                    "and nothing of this run was saved")
-        streak = f" (and at every step since step {trip.since})" if trip.since != trip.step else ""
-        message = (
-            f"PPO in {self.out_dir} stopped at step {trip.step} by the {trip.guard} guard: {trip.metric} was "
-            f"{trip.value:.4g}{streak}; threshold: {trip.threshold}. {kept}. "
-            f"What to do: {trip.advice}; then run again."
-        )
-        stop = {
-            **trip.as_dict(), "run_key": self.run_key, "guards": self.cfg.guards.model_dump(mode="json"),
-            "checkpoint": str(latest) if latest else None, "checkpoint_step": kept_step, "message": message,
-            "metrics": metrics,
-        }
-        if self.accelerator.is_main_process:
-            path = self.out_dir / guards.STOP_FILE
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(stop, indent=2))
-            os.replace(tmp, path)
-        log.error(message)
-        raise TrainingGuardError(message, stop)
-
-    def stop_record(self) -> dict | None:
-        """What a guard recorded when it stopped this exact run (same start, data, settings); None if it did not."""
-        stop = guards.read_stop(self.out_dir)
-        return stop if stop is not None and stop.get("run_key") == self.run_key else None
+            self.stops.stop(trip, metrics, self.checkpointer.latest())
 
     def raise_if_stopped(self) -> None:
-        """Raise the recorded stop again if a guard stopped this run and its guards are unchanged.
-
-        With the same guards the run would only stop again (it resumes from the same
-        checkpoint with the same random state), so it is not retried. With other guard
-        settings the record is cleared and :meth:`train` resumes from the kept checkpoint.
-        """
-        stop = self.stop_record()
-        if stop is None:
-            return
-        path = self.out_dir / guards.STOP_FILE
-        if stop.get("guards") == self.cfg.guards.model_dump(mode="json"):
-            raise TrainingGuardError(
-                f"{stop['message']} (Recorded in {path} by an earlier run with these settings; change them, or "
-                "delete that file to retry from the checkpoint.)", stop,
-            )
-        log.info("the guards changed since a guard stopped this run (%s); resuming from its last checkpoint", path)
-        self.accelerator.wait_for_everyone()  # every process has read the record before it goes
-        if self.accelerator.is_main_process:
-            path.unlink(missing_ok=True)
+        """Raise the recorded stop again if a guard stopped this run with the guards it has now
+        (guards.StopRecord.raise_if_stopped); with other guards, :meth:`train` resumes instead."""
+        self.stops.raise_if_stopped()
 
     # ----------------------------------------------------------------- loop
     def finished(self) -> Path | None:
         """The final policy dir if this exact run (same start, data, settings) already completed."""
-        final = self.out_dir / "final"
-        state = self._read_state(final / "trainer_state.json")
-        if state and state.get("run_key") == self.run_key and state.get("step") == self.cfg.steps:
-            # A run a guard stopped never writes final/; a record next to one still wins.
-            return final if self.stop_record() is None else None
-        return None
-
-    def _own_checkpoint(self) -> tuple[Path, dict] | None:
-        """This run's last checkpoint and its state, if ``latest`` points at one of this run's."""
-        latest = self._latest_checkpoint()
-        state = self._read_state(latest / "trainer_state.json") if latest else None
-        return (latest, state) if state and state.get("run_key") == self.run_key else None
+        final = self.checkpointer.finished(self.cfg.steps)
+        # A run a guard stopped never writes final/; a record next to one still wins.
+        return final if final is not None and self.stops.read() is None else None
 
     def resumable_step(self) -> int | None:
         """The step of this run's last checkpoint, if there is one to resume from (else None)."""
-        own = self._own_checkpoint()
+        own = self.checkpointer.own()
         return int(own[1]["step"]) if own else None
+
+    def step_seed(self, step: int) -> int:
+        """The torch seed step ``step`` samples under: set by the config's seed and the step, so a resumed
+        run samples as an uninterrupted one does, and different on each process."""
+        return self.cfg.seed * 100_003 + step + RANK_SEED_STRIDE * self.accelerator.process_index
+
+    def step(self, step: int) -> dict[str, float]:
+        """One PPO step, number ``step`` from 0, after :meth:`setup`: a rollout seeded by :meth:`step_seed`
+        and the updates on it. Its metrics, the same on every process; nothing is written to disk."""
+        t0 = time.perf_counter()
+        torch.manual_seed(self.step_seed(step))
+        rollout, metrics = self.rollout(step)
+        t_gen = time.perf_counter() - t0
+        metrics |= self.update(rollout)
+        elapsed = time.perf_counter() - t0
+        if self.world > 1:  # the slowest process sets the pace; every process logs the same figures
+            elapsed, t_gen = distributed.all_reduce(self.accelerator, [elapsed, t_gen], "max")
+        return metrics | {
+            "step_time_s": elapsed,
+            "generation_time_s": t_gen,
+            "tokens_per_s": metrics["generated_tokens"] / elapsed,
+        }
 
     def train(self) -> Path:
         """Run PPO to ``cfg.steps`` (resuming from the last checkpoint) and return the final policy dir.
@@ -688,30 +456,18 @@ class PPOTrainer:
             log.info("PPO already finished in %s; reusing it", done)
             return done
         self.raise_if_stopped()
-        self._build()
-        self._resume_or_reset()
+        self.setup()
+        self.steps_done, self._history = self.checkpointer.resume_or_reset(self._models())
         acc = self.accelerator
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"PPO {self.out_dir.name}", unit="step",
+        bar = tqdm(total=self.cfg.steps, initial=self.steps_done, desc=f"PPO {self.out_dir.name}", unit="step",
                    disable=not acc.is_main_process)
-        while self.step < self.cfg.steps:
-            t0 = time.perf_counter()
-            torch.manual_seed(self.cfg.seed * 100_003 + self.step + RANK_SEED_STRIDE * acc.process_index)
-            rollout, metrics = self._rollout(self.step)
-            t_gen = time.perf_counter() - t0
-            metrics |= self._update(rollout)
-            elapsed = time.perf_counter() - t0
-            if self.world > 1:  # the slowest process sets the pace; every process logs the same figures
-                elapsed, t_gen = self._all_reduce([elapsed, t_gen], "max")
-            metrics |= {
-                "step_time_s": elapsed,
-                "generation_time_s": t_gen,
-                "tokens_per_s": metrics["generated_tokens"] / elapsed,
-            }
-            self.step += 1
+        while self.steps_done < self.cfg.steps:
+            metrics = self.step(self.steps_done)
+            self.steps_done += 1
             if acc.is_main_process:
-                self._append_metrics(metrics)
+                self.checkpointer.append_metrics(self.steps_done, metrics)
             if self.on_step:
-                self.on_step(self.step, metrics)
+                self.on_step(self.steps_done, metrics)
             try:
                 self._check_guards(metrics)  # before the checkpoint: a step that trips one is never saved
             except TrainingGuardError:
@@ -720,288 +476,28 @@ class PPOTrainer:
             bar.update(1)
             bar.set_postfix(acc=f"{metrics['accuracy']:.2f}", len=f"{metrics['response_length']:.0f}",
                             kl=f"{metrics['kl']:.3f}")
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
-                self.save_checkpoint()
+            if self.steps_done % self.cfg.checkpoint_every == 0 or self.steps_done == self.cfg.steps:
+                self.checkpointer.save(self.steps_done, self._models())
         bar.close()
-        return self._save_final(self.out_dir / "final")
-
-    # ----------------------------------------------------------------- state
-    @staticmethod
-    def _read_state(path: Path) -> dict | None:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-
-    def _latest_checkpoint(self) -> Path | None:
-        pointer = self.ckpt_dir / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.ckpt_dir / pointer.read_text().strip()
-        return path if (path / "trainer_state.json").is_file() else None
-
-    def _resume_or_reset(self) -> None:
-        acc = self.accelerator
-        own = self._own_checkpoint()
-        resume, latest = own is not None, own[0] if own else None
-        if self.world > 1:  # the main process decides for all, so none starts afresh while others resume
-            resume, latest = broadcast_object_list([resume, latest])
-        if resume:
-            self.load_checkpoint(latest)
-            log.info("resumed PPO from %s at step %d", latest, self.step)
-            acc.wait_for_everyone()
-            # The guards count streaks across the interruption, as if the run had not stopped.
-            rows = self._read_metrics()
-            self._history = [r for r in rows if r["step"] <= self.step]
-            return
-        self._history = []
-        if acc.is_main_process:
-            if self.out_dir.exists():
-                log.info("starting %s afresh: its checkpoints belong to another run", self.out_dir)
-                shutil.rmtree(self.out_dir)
-            self.out_dir.mkdir(parents=True)
-        acc.wait_for_everyone()
-
-    def _read_metrics(self) -> list[dict]:
-        path = self.out_dir / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def _append_metrics(self, metrics: dict[str, float]) -> None:
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-
-    def save_checkpoint(self) -> Path:
-        """Write everything needed to resume; the ``latest`` pointer moves only once it is complete.
-
-        The main process writes it (DeepSpeed: every process writes its optimizer shard too).
-        """
-        acc = self.accelerator
-        name = f"step-{self.step:06d}"
-        path = self.ckpt_dir / name
-        tmp = self.ckpt_dir / f"{name}.tmp"
-        pointer_tmp = self.ckpt_dir / "latest.tmp"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            with self._writing(name, tmp):
-                tmp.mkdir(parents=True)
-        policy_state = critic_state = None
-        if self._zero is not None:
-            acc.wait_for_everyone()  # the folder exists before any process writes to it
-            for tag, engine in (("actor", self.policy), ("critic", self.critic)):
-                engine.save_checkpoint(str(tmp / "deepspeed"), tag=tag, save_latest=False)
-            policy_state, critic_state = acc.get_state_dict(self.policy), acc.get_state_dict(self.critic)
-        if acc.is_main_process:
-            with self._writing(name, tmp, pointer_tmp):
-                self._save_policy(tmp / "policy", policy_state)
-                self.tokenizer.save_pretrained(tmp / "policy")
-                if critic_state is None:
-                    acc.unwrap_model(self.critic).save(tmp / "critic.safetensors")
-                else:
-                    save_file({k: v.contiguous() for k, v in critic_state.items()}, str(tmp / "critic.safetensors"))
-                # Under DeepSpeed the optimizer states are in deepspeed/ (one shard per process).
-                optim = {} if self._zero is not None else {
-                    "opt_actor": self.opt_actor.state_dict(), "opt_critic": self.opt_critic.state_dict()
-                }
-                optim |= {"sched_actor": self.sched_actor.state_dict(), "sched_critic": self.sched_critic.state_dict()}
-                torch.save(optim, tmp / "optim.pt")
-                torch.save(
-                    {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                    tmp / "rng.pt",
-                )
-                metrics = self.out_dir / "metrics.jsonl"
-                if metrics.is_file():  # the history so far: a checkpoint copied to a new machine carries it
-                    shutil.copy(metrics, tmp / "metrics.jsonl")
-                (tmp / "trainer_state.json").write_text(
-                    json.dumps({"step": self.step, "run_key": self.run_key, "base_policy": str(self.policy_path)})
-                )
-                pointer_tmp.write_text(name)
-            # Renames only from here on: nothing more to write, so a full disk cannot stop them halfway.
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-            os.replace(pointer_tmp, self.ckpt_dir / "latest")
-            self._prune_checkpoints()
-            log.info("checkpoint %s written", path)
-            if self.on_checkpoint:
-                self.on_checkpoint(path)
-        acc.wait_for_everyone()
-        return path
-
-    @contextlib.contextmanager
-    def _writing(self, what: str, folder: Path, *leftovers: Path) -> Iterator[None]:
-        """Write ``what`` into ``folder``; if that fails, remove it (and ``leftovers``) so no half-written
-        folder is left, and report a full disk as :class:`DiskFullError`."""
-        try:
-            yield
-        except BaseException as exc:
-            free = free_bytes(self.ckpt_dir)  # before the partial folder is removed and frees its space
-            written = tree_bytes(folder)
-            shutil.rmtree(folder, ignore_errors=True)
-            for path in leftovers:
-                path.unlink(missing_ok=True)
-            if isinstance(exc, Exception) and out_of_space(exc, free):
-                raise DiskFullError(self._disk_full_message(what, folder, free, written)) from exc
-            raise
-
-    def _disk_full_message(self, what: str, folder: Path, free: int | None, written: int) -> str:
-        latest = self._latest_checkpoint()
-        need = tree_bytes(latest) if latest else None
-        text = (f"no space left on the disk of {self.ckpt_dir} to write {what} ({folder}): "
-                f"{human_bytes(written)} written when it failed, {human_bytes(free)} free")
-        if latest is None:
-            return (f"{text}. The partial folder was removed (no checkpoint of this run exists yet). Free space "
-                    f"on that disk or point CONCISE_RL_HOME at a larger one, and run the same command again")
-        return (f"{text}; the last checkpoint takes {human_bytes(need)}. The partial folder was removed; "
-                f"{latest.name} is intact and `latest` still points at it. Free at least {human_bytes(need)} on "
-                f"that disk (or point CONCISE_RL_HOME at a larger one) and run the same command again: it resumes "
-                f"from {latest.name}")
-
-    def _save_policy(self, out: Path, state: dict[str, torch.Tensor] | None, *, final: bool = False) -> None:
-        """The policy in Hugging Face format; ``state``: its full weights where they are sharded (ZeRO-3).
-
-        Checkpoints keep the float32 master weights, so a resumed run continues exactly; the
-        ``final`` policy, which is registered and starts the next phase, is saved in model.dtype,
-        as the base model was.
-        """
-        policy = self.accelerator.unwrap_model(self.policy)
-        dtype = self.precision.compute
-        if final and self.precision.sampling_copy:
-            state = cast_state_dict(policy.state_dict(), dtype)
-            policy.save_pretrained(out, state_dict=state, safe_serialization=True)
-            # save_pretrained records the in-memory model's dtype (float32); the files hold model.dtype.
-            config = json.loads((out / "config.json").read_text())
-            (out / "config.json").write_text(
-                json.dumps(config | {"dtype": str(dtype).removeprefix("torch.")}, indent=2, sort_keys=True)
-            )
-        elif state is None:
-            policy.save_pretrained(out, safe_serialization=True)
-        else:
-            policy.save_pretrained(out, state_dict=state, safe_serialization=True)
-
-    def _prune_checkpoints(self) -> None:
-        done = sorted(p for p in self.ckpt_dir.glob("step-*") if not p.name.endswith(".tmp"))
-        for old in done[: -self.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def load_checkpoint(self, path: Path) -> None:
-        """Resume from ``path`` (every process reads it)."""
-        if self._zero is not None:
-            self._load_deepspeed(path)
-        else:
-            self._load_weights_and_optimizers(path)
-        optim = torch.load(path / "optim.pt", weights_only=False)
-        self.sched_actor.load_state_dict(optim["sched_actor"])
-        self.sched_critic.load_state_dict(optim["sched_critic"])
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
-        metrics = self.out_dir / "metrics.jsonl"
-        if self.accelerator.is_main_process and not metrics.is_file() and (path / "metrics.jsonl").is_file():
-            shutil.copy(path / "metrics.jsonl", metrics)  # restored from a store: the history came with it
-        if self.accelerator.is_main_process and metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
-
-    def _load_deepspeed(self, path: Path) -> None:
-        for tag, engine in (("actor", self.policy), ("critic", self.critic)):
-            loaded, _ = engine.load_checkpoint(str(path / "deepspeed"), tag=tag, load_lr_scheduler_states=False)
-            if loaded is None:
-                raise RuntimeError(
-                    f"checkpoint {path} has no DeepSpeed state for the {tag} (was it written without DeepSpeed?); "
-                    f"delete {self.ckpt_dir} to start this phase afresh"
-                )
-
-    def _load_weights_and_optimizers(self, path: Path) -> None:
-        acc = self.accelerator
-        from safetensors.torch import load_file
-
-        policy = acc.unwrap_model(self.policy)
-        result = policy.load_state_dict(load_file(str(path / "policy" / "model.safetensors")), strict=False)
-        # save_pretrained leaves out weights tied to the embeddings; nothing else may be missing.
-        tied = {"lm_head.weight"} if policy.config.tie_word_embeddings else set()
-        if result.unexpected_keys or set(result.missing_keys) - tied:
-            raise RuntimeError(
-                f"checkpoint {path} does not match the policy (missing {result.missing_keys}, "
-                f"unexpected {result.unexpected_keys}); delete {self.ckpt_dir} to start this phase afresh"
-            )
-        acc.unwrap_model(self.critic).load(path / "critic.safetensors")
-        optim = torch.load(path / "optim.pt", weights_only=False)
-        self.opt_actor.load_state_dict(optim["opt_actor"])
-        self.opt_critic.load_state_dict(optim["opt_critic"])
-
-    def _save_final(self, final: Path) -> Path:
-        acc = self.accelerator
-        state = acc.get_state_dict(self.policy) if self._zero is not None else None  # a collective under ZeRO-3
-        if acc.is_main_process:
-            tmp = final.with_name("final.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            with self._writing("the final policy", tmp):
-                self._save_policy(tmp, state, final=True)
-                self.tokenizer.save_pretrained(tmp)
-                (tmp / "trainer_state.json").write_text(
-                    json.dumps({"step": self.step, "run_key": self.run_key, "problems_hash": self.problems_hash})
-                )
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        acc.wait_for_everyone()
-        return final
+        return self.checkpointer.save_final(self.steps_done, self.policy)
 
 
-def cast_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``state`` in ``dtype``, each tensor once: a weight tied to another (the output head to the
-    embeddings) is left out, as save_pretrained leaves it out of the files, and is tied again on load."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in state.items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    return out
+def split_micro_batches(rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int, micro_batch_size: int,
+                        micro_batch_tokens: int | None) -> list[torch.Tensor]:
+    """``rows`` of one mini-batch in micro-batches, longest responses first.
 
-
-def free_bytes(path: Path) -> int | None:
-    """Free bytes on the disk holding ``path`` (or its nearest existing parent); None if unknown."""
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            try:
-                return shutil.disk_usage(candidate).free
-            except OSError:
-                return None
-    return None
-
-
-def tree_bytes(path: Path) -> int:
-    """Bytes of the files under ``path`` (0 if it does not exist)."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "an unknown amount"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def out_of_space(exc: BaseException, free: int | None) -> bool:
-    """Whether a failed write failed for lack of disk space.
-
-    ENOSPC (or EDQUOT, a quota) anywhere in the exception chain says so; torch.save and
-    safetensors report only a short write, so a disk left with almost nothing free counts too.
+    At most ``micro_batch_size`` rows each and, with ``micro_batch_tokens``, at most
+    that many padded tokens (rows x (prompt width + the group's longest response)).
+    The loss is normalised by the whole mini-batch, so the grouping changes nothing
+    but the padding computed.
     """
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(seen) or "StorageFull" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return free is not None and free < NEARLY_FULL_BYTES
+    rows = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+    groups, start = [], 0
+    while start < len(rows):
+        width = prompt_width + max(int(lengths[rows[start]]), 1)  # the group's widest row comes first
+        size = micro_batch_size
+        if micro_batch_tokens is not None:
+            size = max(1, min(size, micro_batch_tokens // width))
+        groups.append(rows[start : start + size])
+        start += size
+    return groups
