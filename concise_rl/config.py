@@ -40,10 +40,14 @@ class EmbeddedModelConfig(_Strict):
     sft_epochs: float = Field(1.0, gt=0)
     sft_learning_rate: float = Field(1e-3, gt=0)
     sft_batch_size: int = Field(8, gt=0)
+    sft_adam_beta2: float = Field(
+        0.95, gt=0, lt=1, description="AdamW's beta2 in the base's SFT (0.999 stalled it: docs/log/2026-12-06-sft-recipe.md)"
+    )
+    sft_weight_decay: float = Field(0.1, ge=0, description="AdamW's decoupled weight decay in the base's SFT")
     sft_dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16",
-        description="precision of the base's SFT: bfloat16 (autocast over float32 weights; what the demo's figures "
-        "were measured with, about 9x slower on a CPU without native bf16) or float32",
+        "float32",
+        description="precision of the base's SFT: float32, or bfloat16 (autocast over float32 weights; about 9x "
+        "slower on a CPU without native bf16)",
     )
     sft_seed: int = Field(0, description="seed of the base's SFT: its data draw, initialisation and batch order")
 

@@ -25,7 +25,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from concise_rl.config import PromptConfig
 from concise_rl.synthetic import generate_problems, reasoning_trace
-from training.embedded import build_tokenizer, check_reload
+from training.embedded import build_tokenizer, check_reload, prompt_masked_examples
 from training.models import format_prompt
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -101,13 +101,7 @@ def build_family_model(out: Path, family: str, prompt: PromptConfig, *, examples
     corpus = [f"{p.prompt}\n{prompt.instruction}\n{t}" for p, t in zip(problems, traces)] + benchmark_text()
     tokenizer = build_tokenizer(corpus, 4000, special_tokens=list(fam.special_tokens), eos=fam.eos, pad=fam.pad,
                                 bos=fam.bos, chat_template=fam.chat_template)
-    rows = []
-    for p, trace in zip(problems, traces):
-        # Prompt and completion tokenized apart, as generation sees them: the prompt, then sampled tokens.
-        prompt_ids = tokenizer(format_prompt(p.prompt, tokenizer, prompt), add_special_tokens=False).input_ids
-        completion = tokenizer(trace, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        rows.append({"input_ids": prompt_ids + completion, "attention_mask": [1] * (len(prompt_ids) + len(completion)),
-                     "labels": [-100] * len(prompt_ids) + completion})
+    rows = prompt_masked_examples([(p.prompt, t) for p, t in zip(problems, traces)], tokenizer, prompt)
 
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(

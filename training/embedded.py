@@ -2,8 +2,9 @@
 
 No weights can be downloaded on the machines this must run on, so the demo trains
 its own base: a byte-level BPE tokenizer fitted on the task's text, a
-Qwen2-architecture model from random init, and supervised fine-tuning with TRL's
-SFTTrainer on verbose chain-of-thought traces. The result is saved in Hugging Face
+Qwen2-architecture model from random init, and supervised fine-tuning (transformers'
+Trainer, in the precision ``model.embedded.sft_dtype`` states) on verbose
+chain-of-thought traces. The result is saved in Hugging Face
 format, so every later stage loads it with the same code as a real model.
 """
 
@@ -22,7 +23,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from concise_rl.config import EmbeddedModelConfig, PromptConfig
 from concise_rl.synthetic import generate_problems, reasoning_trace
-from training.models import prompt_messages
+from training.models import format_prompt, prompt_messages
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +118,33 @@ def _sft_examples(cfg: EmbeddedModelConfig, prompt: PromptConfig, seed: int) -> 
         cfg.sft_examples, seed=seed + 1000, min_level=SFT_MIN_LEVEL, max_level=SFT_MAX_LEVEL, split="train",
         distinct=False,
     )
-    rows = []
-    for p in problems:
-        rows.append(
-            {
-                "prompt": prompt_messages(p.prompt, prompt),
-                "completion": [{"role": "assistant", "content": reasoning_trace(p.prompt, rng)}],
-            }
-        )
-    return rows
+    return [
+        {"question": p.prompt, "messages": prompt_messages(p.prompt, prompt), "completion": reasoning_trace(p.prompt, rng)}
+        for p in problems
+    ]
 
 
 def _render(row: dict) -> str:
     """One SFT example as the text the tokenizer is fitted on (roles included, special tokens not)."""
-    turns = "".join(f"{m['role']}\n{m['content']}\n" for m in row["prompt"])
-    return f"{turns}assistant\n{row['completion'][0]['content']}"
+    turns = "".join(f"{m['role']}\n{m['content']}\n" for m in row["messages"])
+    return f"{turns}assistant\n{row['completion']}"
+
+
+def prompt_masked_examples(
+    pairs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerFast, prompt: PromptConfig
+) -> list[dict]:
+    """(question, trace) pairs as SFT examples: the prompt as generation renders it, then the trace and EOS.
+
+    The prompt and the completion are tokenized apart, as generation sees them (the prompt,
+    then sampled tokens); only the completion carries a loss.
+    """
+    out = []
+    for question, trace in pairs:
+        prompt_ids = tokenizer(format_prompt(question, tokenizer, prompt), add_special_tokens=False).input_ids
+        completion = tokenizer(trace, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        out.append({"input_ids": prompt_ids + completion, "attention_mask": [1] * (len(prompt_ids) + len(completion)),
+                    "labels": [-100] * len(prompt_ids) + completion})
+    return out
 
 
 def build_embedded_model(out_dir: Path, cfg: EmbeddedModelConfig, prompt: PromptConfig) -> Path:
@@ -143,7 +156,7 @@ def build_embedded_model(out_dir: Path, cfg: EmbeddedModelConfig, prompt: Prompt
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
         return out_dir
-    from trl import SFTConfig, SFTTrainer
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     seed = cfg.sft_seed
     torch.manual_seed(seed)
@@ -170,19 +183,28 @@ def build_embedded_model(out_dir: Path, cfg: EmbeddedModelConfig, prompt: Prompt
     model = Qwen2ForCausalLM(model_cfg)
     # Right padding for teacher-forced training; generation later pads left.
     tokenizer.padding_side = "right"
-    args = SFTConfig(
+    # transformers' Trainer on prompt-masked examples, every setting stated (TRL's SFTConfig
+    # defaulted to bf16 autocast, which the config never asked for).
+    # AdamW with beta2 = 0.95 and weight decay 0.1, as GPT-style pretraining uses, not
+    # transformers' 0.999 / 0: with 0.999 the float32 SFT stalled before the model learned to
+    # look each step's operation up in the prompt (held-out 69% greedy against 96% with 0.95;
+    # docs/log/2026-12-06-sft-recipe.md).
+    args = TrainingArguments(
         output_dir=str(tmp / "sft"),
         num_train_epochs=cfg.sft_epochs,
         per_device_train_batch_size=cfg.sft_batch_size,
         learning_rate=cfg.sft_learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=cfg.sft_adam_beta2,
+        adam_epsilon=1e-8,
         # Batches of similar length waste little compute on padding.
         train_sampling_strategy="group_by_length",
-        weight_decay=0.0,
-        # Stated, never inherited (SFTConfig defaults to bf16=True): float32, or bf16 autocast
-        # over float32 weights, as model.embedded.sft_dtype says. bf16 is about 9x slower on a
-        # CPU without native bf16 (docs/log/2026-12-06-fp32-sft.md).
+        weight_decay=cfg.sft_weight_decay,
+        # float32, or bf16 autocast over float32 weights, as model.embedded.sft_dtype says. bf16
+        # is about 9x slower on a CPU without native bf16 (docs/log/2026-12-06-fp32-sft.md).
         bf16=cfg.sft_dtype == "bfloat16",
         fp16=False,
         logging_steps=20,
@@ -191,12 +213,12 @@ def build_embedded_model(out_dir: Path, cfg: EmbeddedModelConfig, prompt: Prompt
         use_cpu=not torch.cuda.is_available(),
         seed=seed,
         data_seed=seed,
-        max_length=cfg.max_position_embeddings,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    trainer.train()
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    examples = prompt_masked_examples([(r["question"], r["completion"]) for r in rows], tokenizer, prompt)
+    Trainer(model=model, args=args, train_dataset=Dataset.from_list(examples), data_collator=collator).train()
     tokenizer.padding_side = "left"
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
