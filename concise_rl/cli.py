@@ -406,10 +406,12 @@ def _explicit_model(cfg, uri: str, option: str = "--model") -> dict[str, str]:
 
 
 def _latest_curation(hint: str = "run `concise-rl curate` first or pass --problems") -> Path:
-    pointer = paths.curation() / "latest"
-    if not pointer.is_file():
+    from concise_rl.files import read_latest
+
+    curation = read_latest(paths.curation())
+    if curation is None:
         raise LookupError(f"no curation has run yet; {hint}")
-    return paths.curation() / pointer.read_text().strip()
+    return curation
 
 
 def _cmd_run(args, cfg) -> int:

@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import torch
@@ -29,6 +28,7 @@ from concise_rl import paths
 from concise_rl import store as artifact_store
 from concise_rl.config import DataSource, PipelineConfig, PPOConfig, stable_hash
 from concise_rl.errors import TrainingGuardError
+from concise_rl.files import atomic_write_json, point_latest, read_jsonl, read_latest, replaced_dir
 from concise_rl.problems import Problem, load_hf_dataset, load_problems, problems_hash, save_problems
 from concise_rl.synthetic import generate_problems
 from evaluation import plots
@@ -36,7 +36,7 @@ from evaluation.benchmarks import load_benchmark
 from evaluation.evaluate import evaluate_model
 from evaluation.gate import evaluate_gate, length_reductions
 from evaluation.metrics import macro_average
-from evaluation.report import read_responses, write_report
+from evaluation.report import write_report
 from tasks import publish, tracking
 from training import curation as curation_lib
 from training.embedded import build_embedded_model
@@ -92,17 +92,6 @@ def load_source(src: DataSource, split: str = "train") -> list[Problem]:
     if src.kind == "benchmark":
         return load_benchmark(src.name, data_dir=src.path, limit=src.limit, few_shot=src.few_shot)
     return load_hf_dataset(src.name, split=src.split, limit=src.limit)
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _store_checkpoint(cfg: PipelineConfig, model_dir: Path, phase: str) -> tuple[str, dict[str, str]]:
@@ -179,7 +168,7 @@ def curate(cfg: PipelineConfig, model_uri: str) -> str:
     out = paths.curation() / key
     if (out / "done.json").is_file():
         log.info("curation already done in %s", out)
-        _point_latest(out)
+        point_latest(out.parent, out.name)  # the newest curation: `concise-rl train` finds its sets without a path
         return str(out)
     with _stage_run(cfg, "curate", model_uri=model_uri):
         model_dir = local_model_dir(cfg, model_uri)
@@ -190,47 +179,35 @@ def curate(cfg: PipelineConfig, model_uri: str) -> str:
             model, tokenizer, candidates, cfg.curation, cfg.prompt, cfg.reward, engine=cfg.model.generation_engine
         )
         phase1, phase2 = curation_lib.select_sets(candidates, rates, cfg.curation, cfg.seed)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_problems(phase1, tmp / "phase1.jsonl")
-        save_problems(phase2, tmp / "phase2.jsonl")
-        table = [
-            {"problem_id": r.problem_id, "level": r.level, "pass_rate": r.pass_rate, "correct": r.correct,
-             "samples": r.samples, "mean_length": r.mean_length,
-             "phase1": r.problem_id in {p.id for p in phase1}, "phase2": r.problem_id in {p.id for p in phase2}}
-            for r in rates
-        ]
-        with open(tmp / "pass_rates.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in table)
-        plots.plot_pass_rates(
-            [r.pass_rate for r in rates],
-            {"phase 1": (cfg.curation.phase1_band.low, cfg.curation.phase1_band.high),
-             "phase 2": (cfg.curation.phase2_band.low, cfg.curation.phase2_band.high)},
-            tmp / "pass_rates.png",
-        )
-        summary = {
-            "model_uri": model_uri, "candidates": len(candidates), "phase1": len(phase1), "phase2": len(phase2),
-            "mean_pass_rate": sum(r.pass_rate for r in rates) / len(rates),
-        }
-        (tmp / "done.json").write_text(json.dumps(summary, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        _point_latest(out)
+        with replaced_dir(out) as tmp:
+            save_problems(phase1, tmp / "phase1.jsonl")
+            save_problems(phase2, tmp / "phase2.jsonl")
+            table = [
+                {"problem_id": r.problem_id, "level": r.level, "pass_rate": r.pass_rate, "correct": r.correct,
+                 "samples": r.samples, "mean_length": r.mean_length,
+                 "phase1": r.problem_id in {p.id for p in phase1}, "phase2": r.problem_id in {p.id for p in phase2}}
+                for r in rates
+            ]
+            with open(tmp / "pass_rates.jsonl", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in table)
+            plots.plot_pass_rates(
+                [r.pass_rate for r in rates],
+                {"phase 1": (cfg.curation.phase1_band.low, cfg.curation.phase1_band.high),
+                 "phase 2": (cfg.curation.phase2_band.low, cfg.curation.phase2_band.high)},
+                tmp / "pass_rates.png",
+            )
+            summary = {
+                "model_uri": model_uri, "candidates": len(candidates), "phase1": len(phase1), "phase2": len(phase2),
+                "mean_pass_rate": sum(r.pass_rate for r in rates) / len(rates),
+            }
+            (tmp / "done.json").write_text(json.dumps(summary, indent=2))
+        point_latest(out.parent, out.name)
         mlflow.log_table({k: [row[k] for row in table] for k in table[0]}, artifact_file="pass_rates.json")
         tracking.log_metrics({"candidates": len(candidates), "phase1_problems": len(phase1),
                               "phase2_problems": len(phase2), "mean_pass_rate": summary["mean_pass_rate"]})
         mlflow.log_artifacts(str(out), artifact_path="curation")
         publish.table("curation-pass-rates", table, f"Pass rates of {len(candidates)} candidates under {model_uri}")
     return str(out)
-
-
-def _point_latest(curation_dir: Path) -> None:
-    """Record the newest curation so `concise-rl train` finds its sets without a path."""
-    pointer = curation_dir.parent / "latest"
-    tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(curation_dir.name)
-    os.replace(tmp, pointer)
 
 
 # --------------------------------------------------------------------------- training
@@ -325,9 +302,7 @@ class _CheckpointMirror:
             return None
         name = name.strip()
         self.store.download_dir(artifact_store.join(self.root, name), ckpt_dir / name)
-        pointer = ckpt_dir / "latest.tmp"
-        pointer.write_text(name)
-        os.replace(pointer, ckpt_dir / "latest")
+        point_latest(ckpt_dir, name)
         log.info("restored checkpoint %s from %s", name, self.root)
         return name
 
@@ -470,7 +445,7 @@ def _log_training(phase: str, run) -> None:
     metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
     if metrics_file.is_file():
         mlflow.log_artifact(str(metrics_file))
-        rows = _read_jsonl(metrics_file)
+        rows = read_jsonl(metrics_file)
         mlflow.log_artifact(str(plots.plot_training({phase: rows}, paths.checkpoints(phase) / "training.png")))
         keys = ("step", "reward", "accuracy", "response_length", "kl", "policy_loss", "value_loss")
         publish.table(f"{phase}-metrics", [{k: r.get(k) for k in keys} for r in rows],
@@ -563,7 +538,7 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
                 out.mkdir(parents=True, exist_ok=True)
                 with open(out / "responses.jsonl", "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in records)
-                _atomic_write_json(summary_file, summary)
+                atomic_write_json(summary_file, summary)
             summary = json.loads(summary_file.read_text())
             results[label] = {"version": info["version"], "uri": info["uri"], "eval": summary}
             for bench, temps in {**summary, "macro": macro_average(summary)}.items():
@@ -576,7 +551,7 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
         which = stable_hash(sorted((k, v["version"], v["uri"]) for k, v in models.items()))[:8]
         report_dir = paths.evaluations() / "reports" / f"{key}-{which}"
         files = write_report(
-            results, {label: read_responses(folder / "responses.jsonl") for label, folder in folders.items()}, report_dir
+            results, {label: read_jsonl(folder / "responses.jsonl") for label, folder in folders.items()}, report_dir
         )
         mlflow.log_artifacts(str(report_dir), artifact_path="report")
         uploaded = store.upload_dir(report_dir, store.uri("evaluations", "reports", report_dir.name))
@@ -652,13 +627,13 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
         tracking.log_metrics({"gate_passed": float(verdict["passed"])})
         mlflow.log_dict(summary, "summary.json")
         report_dir = paths.reports() / time.strftime("%Y%m%d-%H%M%S")
-        _atomic_write_json(report_dir / "summary.json", summary)
+        atomic_write_json(report_dir / "summary.json", summary)
         figures = _report_plots(report_dir)
         for figure in figures:
             mlflow.log_artifact(str(figure), artifact_path="plots")
     latest = paths.reports() / "latest"
-    shutil.rmtree(latest, ignore_errors=True)
-    shutil.copytree(report_dir, latest)
+    with replaced_dir(latest) as tmp:
+        shutil.copytree(report_dir, tmp, dirs_exist_ok=True)
     links = {f.name: f"image artifact `{publish.artifact_key('plot-' + f.stem)}`; {latest / f.name}; "
                      f"MLflow run {run.info.run_id}, plots/{f.name}" for f in figures}
     publish.markdown("pipeline-summary", publish.summary_markdown(summary, links), "concise-rl pipeline summary")
@@ -693,13 +668,13 @@ def _refuse_stopped_runs(client, name: str, results: dict[str, dict]) -> None:
 def _report_plots(report_dir: Path) -> list[Path]:
     """Training curves of both phases and the curated pass-rate histogram, next to the summary."""
     figures = []
-    phases = {p: _read_jsonl(paths.checkpoints(p) / "metrics.jsonl") for p in ("phase1", "phase2")
+    phases = {p: read_jsonl(paths.checkpoints(p) / "metrics.jsonl") for p in ("phase1", "phase2")
               if (paths.checkpoints(p) / "metrics.jsonl").is_file()}
     if phases:
         figures.append(plots.plot_training(phases, report_dir / "training_curves.png"))
-    pointer = paths.curation() / "latest"
-    if pointer.is_file():
-        histogram = paths.curation() / pointer.read_text().strip() / "pass_rates.png"
+    curation = read_latest(paths.curation())
+    if curation is not None:
+        histogram = curation / "pass_rates.png"
         if histogram.is_file():
             shutil.copy(histogram, report_dir / "pass_rates.png")
             figures.append(report_dir / "pass_rates.png")
