@@ -376,33 +376,10 @@ def _alias_uri(cfg, alias: str, hint: str = "run the stage that creates it first
     return {"version": str(version.version), "uri": tracking.model_uri(version.name, version.version)}
 
 
-def _explicit_model(cfg, uri: str, option: str = "--model") -> dict[str, str]:
-    from tasks import tracking
+def _resolve(cfg, uri: str, option: str = "--model") -> dict[str, str]:
+    from tasks.model_uri import resolve_model
 
-    if uri.startswith("models:/"):
-        match = tracking.MODEL_URI.match(uri)
-        if match is None:
-            raise LookupError(f"{option} {uri}: not a registry URI; write models:/NAME/VERSION (a number) or "
-                              "models:/NAME@ALIAS")
-        from mlflow.exceptions import MlflowException
-
-        name, number, alias = match["name"], match["version"], match["alias"]
-        client = tracking.setup(cfg)
-        try:
-            version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            raise LookupError(f"{option} {uri}: the registry has no such version; `concise-rl models` lists the "
-                              "registered versions and their aliases") from None
-        return {"version": str(version.version), "uri": tracking.model_uri(name, version.version)}
-    if uri.startswith("s3://"):  # a checkpoint folder in the artifact store; checked when it is downloaded
-        return {"version": "local", "uri": uri}
-    if not Path(uri).is_dir():
-        raise FileNotFoundError(f"{option} {uri}: not a models:/ URI, not an s3:// checkpoint folder and not a "
-                                "model directory; pass a local model folder, models:/NAME/VERSION, "
-                                "models:/NAME@ALIAS or a version's checkpoint_uri")
-    return {"version": "local", "uri": uri}
+    return resolve_model(cfg, uri, what=f"{option} {uri}")
 
 
 def _latest_curation(hint: str = "run `concise-rl curate` first or pass --problems") -> Path:
@@ -449,7 +426,7 @@ def _cmd_curate(args, cfg) -> int:
 def _curate(args, cfg) -> int:
     from tasks import stages
 
-    model = _explicit_model(cfg, args.model) if args.model else stages.prepare_base(cfg)
+    model = _resolve(cfg, args.model) if args.model else stages.prepare_base(cfg)
     out = stages.curate(cfg, model["uri"])
     print(f"curated sets in {out}: phase1.jsonl, phase2.jsonl, pass_rates.jsonl")
     return 0
@@ -463,7 +440,7 @@ def _cmd_train(args, cfg) -> int:
     acc = stages.accelerator(cfg)
     try:
         with acc.main_process_first():  # under `accelerate launch`, one process at a time reads the registry
-            start = _explicit_model(cfg, args.model) if args.model else _alias_uri(cfg, default_alias)
+            start = _resolve(cfg, args.model) if args.model else _alias_uri(cfg, default_alias)
             problems = args.problems or str(_latest_curation() / f"{phase}.jsonl")
         if not acc.is_main_process:
             stages.train_phase(cfg, phase, start["uri"], problems, acc)
@@ -521,7 +498,7 @@ def _labelled_models(cfg, items: list[str]) -> dict[str, dict[str, str]]:
         label, sep, uri = item.partition("=")
         if not sep or label.startswith("models:"):
             label, uri = None, item
-        info = _explicit_model(cfg, uri)
+        info = _resolve(cfg, uri)
         label = label or (f"v{info['version']}" if info["version"] != "local" else Path(uri).resolve().name)
         if label in (".", "..") or "/" in label or "\\" in label:
             raise ConfigError(f"--model {item!r}: label {label!r} would be a path (labels name MLflow artifact "
@@ -555,8 +532,8 @@ def _cmd_compare(args, cfg) -> int:
     from tasks import stages
 
     cfg = _with_evaluation_options(cfg, args)
-    models = {"A": _explicit_model(cfg, args.baseline, option="A"),
-              "B": _explicit_model(cfg, args.candidate, option="B")}
+    models = {"A": _resolve(cfg, args.baseline, option="A"),
+              "B": _resolve(cfg, args.candidate, option="B")}
     results = stages.evaluate(cfg, models)
     verdict = evaluate_gate(results["B"]["eval"], results["A"]["eval"], cfg.gate)
     _print_models_table("compare: A (baseline) and B (candidate)", {"models": results, "length_reduction_pct": {}})
@@ -584,7 +561,7 @@ def _cmd_ablate(args, cfg) -> int:
     first = "run `concise-rl run` first (or `concise-rl curate` and `concise-rl train --phase 1`)"
     curation = _latest_curation(f"the ablation trains on the curated problems; {first}")
     start_alias = "phase1" if cfg.phase1.enabled else "base"
-    start = (_explicit_model(cfg, args.start, option="--start") if args.start
+    start = (_resolve(cfg, args.start, option="--start") if args.start
              else _alias_uri(cfg, start_alias, hint=f"the ablation starts from it; {first}, or pass --start"))
     from tasks.ablate import run_ablation
 

@@ -47,6 +47,7 @@ from evaluation import plots
 from evaluation.evaluate import evaluate_model, temp_key
 from evaluation.gate import length_reduction_pct
 from tasks import tracking
+from tasks.model_uri import local_model_dir
 from tasks.stages import device, load_source
 from training.grpo import GRPORun
 from training.models import load_policy, load_tokenizer
@@ -128,7 +129,7 @@ def run_ablation(
     heldout = load_source(cfg.evaluation.heldout, split="heldout")[:eval_problems]
     out = Path(out_dir) if out_dir else default_out_dir(cfg, start, curation.folder, ppo, eval_problems)
     tracking.setup(cfg)
-    start_dir = tracking.resolve_model_uri(start["uri"])
+    start_dir = local_model_dir(cfg, start["uri"])
     # What every variant's result depends on besides its own training settings and problems.
     common = {"start": start["uri"], "model": cfg.model.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(),
               "reward": cfg.reward.model_dump(), "eval": cfg.evaluation.model_dump(mode="json"),

@@ -37,6 +37,7 @@ from evaluation.gate import evaluate_gate, length_reductions
 from evaluation.metrics import macro_average
 from evaluation.report import write_report
 from tasks import publish, tracking
+from tasks.model_uri import local_model_dir
 from training import curation as curation_lib
 from training.embedded import build_embedded_model
 from training.guards import STOP_FILE, read_stop
@@ -210,28 +211,6 @@ def curate(cfg: PipelineConfig, model_uri: str) -> str:
 
 
 # --------------------------------------------------------------------------- training
-def local_model_dir(cfg: PipelineConfig, uri: str) -> str:
-    """A local folder for a model URI: ``models:/``/``runs:/`` through MLflow, ``s3://`` through the store.
-
-    An ``s3://`` URI (a ``checkpoint_uri`` tag, for one) must be a folder committed
-    with its manifest; it is downloaded once into ``<home>/downloads/``, every file
-    checked against the manifest. Local paths pass through.
-    """
-    if not artifact_store.is_s3(uri):
-        return tracking.resolve_model_uri(uri)
-    store = artifact_store.open_store(cfg.store)
-    manifest = store.read_manifest(uri)
-    if manifest is None:
-        raise artifact_store.StoreError(
-            f"--model {uri}: no {artifact_store.MANIFEST} there, so it is not a committed checkpoint folder (the "
-            f"manifest is written last); use a version's checkpoint_uri tag (concise-rl models) or a models:/ URI"
-        )
-    target = paths.home() / "downloads" / f"store-{artifact_store.manifest_digest(manifest)[:16]}"
-    if not (target / artifact_store.MANIFEST).is_file():
-        store.download_dir(uri, target)
-    return str(target)
-
-
 def accelerator(cfg: PipelineConfig) -> Accelerator:
     """The accelerator PPO runs under: one process, or each process of `accelerate launch`."""
     return Accelerator(cpu=device(cfg).type == "cpu")
