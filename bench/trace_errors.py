@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from concise_rl.config import load_config
+from concise_rl.files import read_jsonl
 from concise_rl.synthetic import _SYMBOLS, RECHECK, Step, _parse_question
 
 # "B *8: 2*8=16->6." as the trace writes a step (its letter and operation, then the work).
@@ -75,12 +76,9 @@ def load_responses(path: Path, set_name: str, temperature: float) -> dict[str, d
     file = path / "responses.jsonl" if path.is_dir() else path
     if not file.is_file():
         sys.exit(f"trace_errors: {file} does not exist; pass an evaluation folder (it holds responses.jsonl)")
-    # Imported here: evaluation.report loads matplotlib, which --help and bad arguments do not need.
-    from evaluation.report import read_responses
-
     rows = {
         r["problem_id"]: r
-        for r in read_responses(file)
+        for r in read_jsonl(file)
         if r["set"] == set_name and r["temperature"] == temperature and r.get("sample", 0) == 0
     }
     if not rows:

@@ -15,49 +15,12 @@ import signal
 import sys
 from pathlib import Path
 
-from concise_rl import paths
+from concise_rl import cli_text, paths
 
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
 EXIT_BUSY = 4
 EXIT_TRAINING_STOPPED = 5
-
-DESCRIPTION = """\
-Two-phase PPO post-training that makes a reasoning model concise without losing
-accuracy (Fatemi et al., "Concise Reasoning via Reinforcement Learning").
-
-  run        the whole Prefect flow: base -> curate -> phase 1 -> register ->
-             phase 2 -> register -> evaluate -> gate/promote
-  curate     measure pass rates and pick the phase-1 and phase-2 problem sets
-  train      one PPO phase (--phase 1 or 2), then register the result
-  evaluate   evaluate models on the held-out sets or named benchmarks, with a report
-  compare    the gate's verdict for one model against another
-  promote    gate the phase-2 candidate against its parent and move 'champion'
-  ablate     phase 2 side by side: lambda, loss aggregation, GRPO, pass-rate bands
-  grade      grade a JSONL file of responses with the project's grader
-  deploy     apply the Prefect deployments of infra/prefect.yaml (and their work pool)
-  retrain    trigger a deployment run (CI: --param git_sha=$GITHUB_SHA --wait)
-  models     list the registered versions: aliases, lineage, gate verdict, figures
-
-State lives under ./.concise-rl (or $CONCISE_RL_HOME): mlflow.db, mlartifacts/,
-checkpoints/phase1|phase2, curation/, evaluations/, reports/latest/summary.json.
-"""
-
-EPILOG = """\
-examples:
-  concise-rl run --config configs/demo.yaml
-  concise-rl run --config configs/demo.yaml --set ppo.lam=1.0 --set phase2.ppo.steps=20
-  concise-rl train --phase 2 --config configs/demo.yaml --model models:/concise-rl-demo@phase1
-  concise-rl evaluate --config configs/demo.yaml
-  concise-rl ablate --config configs/demo.yaml --variants ppo-lam1.0-seq-mean-token-mean,grpo-dapo
-  concise-rl grade responses.jsonl -o graded.jsonl --response-field response --answer-field answer
-  PREFECT_API_URL=http://127.0.0.1:4200/api concise-rl deploy --pool gpu
-  PREFECT_API_URL=http://127.0.0.1:4200/api concise-rl retrain --deployment retrain --param git_sha=abc123 --wait
-
-exit codes: 0 ok, 1 error, 2 bad input (the message names it), 3 gate failed,
-4 another pipeline is running against the same registered model, 5 a training
-guard stopped a PPO phase (nothing registered or promoted; the message says why)
-"""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -67,100 +30,6 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override one config field, repeatable; values are read as YAML "
                         "(e.g. --set ppo.lam=0.95 --set evaluation.temperatures=[0,0.6])")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-
-
-ABLATE_DESCRIPTION = """\
-Run phase 2 side by side under other settings, every variant from the model phase 2
-starts from (alias 'phase1', or 'base' when phase1.enabled is false) with the config's
-phase-2 PPO settings, and evaluate each on the held-out set next to that model.
-
-variants (--variants, comma-separated; default: all of them):
-  ppo-lam{L}-{AGG}   our PPO with GAE lambda L and loss aggregation AGG, on the curated
-                     phase-2 set; the defaults are L in {0.95, 1.0} x AGG in
-                     {seq-mean-token-mean (the paper's), token-mean, seq-mean-token-sum-norm}
-  grpo-{LOSS}        TRL's GRPOTrainer with loss_type LOSS in {grpo, dr_grpo, dapo, bnpo}:
-                     same problems, reward, prompts, steps, prompts x samples per step,
-                     temperature, max new tokens, actor learning rate and KL weight (beta)
-  band-{LOW}-{HIGH}  our PPO on curation.phase2_num_problems problems drawn from the
-                     curated pass-rate band [LOW, HIGH] (the paper's difficulty study);
-                     the default bands are --bands; a band with too few problems uses
-                     what it has, an empty one is skipped, both noted in the table
-  logprob-t{T}       our PPO with the old, reference and new log-probs scored at
-                     temperature T (ppo.logprob_temperature) instead of the sampling one;
-                     the default is logprob-t1.0, the paper's code's objective
-
-Writes ablation.md, ablation.json and ablation.png (accuracy against length reduction)
-to the output folder, prints the table and logs it as one MLflow run (stage 'ablate').
-Each variant has its own subfolder; a re-run skips the variants already done with the
-same settings; an interrupted PPO variant resumes from its last checkpoint, a GRPO
-one starts over. Needs a curation and the phase-1 model: run `concise-rl run` first
-(or `concise-rl curate` and `concise-rl train --phase 1`).
-"""
-
-ABLATE_EPILOG = """\
-examples:
-  concise-rl ablate --config configs/demo.yaml
-  concise-rl ablate --config configs/demo.yaml --steps 2 --eval-problems 50 --variants ppo-lam0.95-token-mean,grpo-dr_grpo
-  concise-rl ablate --config configs/demo.yaml --variants band-0.125-0.375,band-0.625-0.875
-"""
-
-
-GRADE_DESCRIPTION = """\
-Grade every response in a JSONL file with the grader that training and evaluation
-use: the last \\boxed{...} of the response against the reference answer, decided by
-math-verify (LaTeX only; model text is never run as Python) in worker processes with
-a per-answer time limit. Each row gains three fields:
-
-  correct    true/false
-  extracted  the boxed answer, or null when there is none
-  reason     why: exact match, equal integers, equivalent, not equivalent,
-             no \\boxed{} answer, grading took longer than the limit, ...
-
-A response field holding a list of strings (several samples per row) gets a list
-in each of the three fields.
-"""
-
-GRADE_EPILOG = """\
-examples:
-  concise-rl grade responses.jsonl -o graded.jsonl
-  concise-rl grade math_cot_50_dev.jsonl -o graded.jsonl --response-field code --answer-field gt --label-field score
-"""
-
-
-EVALUATE_DESCRIPTION = """\
-Accuracy (pass@1 over --samples responses per problem, with a 95% bootstrap CI over
-problems), mean and median response length in tokens for all, correct and incorrect
-responses, and the truncation rate, per set and temperature, plus the macro average.
-
-Sets: the config's evaluation.heldout and evaluation.benchmarks, or with --benchmarks
-the named ones (math500, aime24, amc23, mmlu_stem, gsm8k, minerva_math,
-olympiadbench) from --data-dir, $CONCISE_RL_BENCHMARK_DIR, or the Hugging Face hub.
-
-Writes, under the concise-rl home: evaluations/<model>-<key>/responses.jsonl (every
-response with its grade) and summary.json, cached per model and settings, and
-evaluations/reports/<key>/report.md with accuracy_vs_length.png and
-length_histograms.png; all of it is logged to MLflow (stage 'evaluate').
-"""
-
-EVALUATE_EPILOG = """\
-examples:
-  concise-rl evaluate --config configs/demo.yaml
-  concise-rl evaluate --model models:/concise-rl-demo@champion --benchmarks math500,aime24,amc23,mmlu_stem \\
-      --temperatures 0,0.6 --samples 4 --data-dir ../shared/data/benchmarks --limit 50
-  concise-rl evaluate --model old=models:/concise-rl-demo/2 --model new=models:/concise-rl-demo/3
-"""
-
-COMPARE_DESCRIPTION = """\
-Evaluate two models on the same problems (cached like `evaluate`) and print the
-promotion gate's verdict for B against A: for every set and temperature, accuracy
-is non-inferior when the lower bound of the paired bootstrap CI of (B - A) per-problem
-pass@1 is at least -gate.max_accuracy_drop, and B's mean length is at least
-gate.min_length_reduction_pct shorter. Exits 0 when every criterion passes, 3 when
-one fails. Takes the same set options as `evaluate`.
-
-example:
-  concise-rl compare models:/concise-rl-demo@phase1 models:/concise-rl-demo@candidate --config configs/demo.yaml
-"""
 
 
 def _evaluation_options(p: argparse.ArgumentParser) -> None:
@@ -204,7 +73,8 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="concise-rl", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="concise-rl", description=cli_text.DESCRIPTION, epilog=cli_text.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -237,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", metavar="FILE", help="training problems JSONL (default: the latest curation's set)")
 
     p = sub.add_parser("evaluate", help="evaluate models on the held-out sets or on named benchmarks",
-                       description=EVALUATE_DESCRIPTION, epilog=EVALUATE_EPILOG,
+                       description=cli_text.EVALUATE_DESCRIPTION, epilog=cli_text.EVALUATE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--model", action="append", default=[], metavar="[LABEL=]URI",
@@ -247,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_options(p)
 
     p = sub.add_parser("compare", help="the gate's verdict for a candidate model against a baseline",
-                       description=COMPARE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=cli_text.COMPARE_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("baseline", metavar="A", help="the model the candidate must not be worse than (URI or dir)")
     p.add_argument("candidate", metavar="B", help="the model under test (URI or dir)")
@@ -259,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("ablate", help="phase 2 side by side: lambda, loss aggregation, GRPO loss types, pass-rate bands",
-                       description=ABLATE_DESCRIPTION, epilog=ABLATE_EPILOG,
+                       description=cli_text.ABLATE_DESCRIPTION, epilog=cli_text.ABLATE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--variants", type=_parsed("parse_variants"), metavar="NAME[,NAME...]",
@@ -277,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "ablations/MODEL-vVERSION-KEY under the concise-rl home, one per start model and settings)")
 
     p = sub.add_parser("grade", help="grade a JSONL file of responses (adds correct, extracted, reason)",
-                       description=GRADE_DESCRIPTION, epilog=GRADE_EPILOG,
+                       description=cli_text.GRADE_DESCRIPTION, epilog=cli_text.GRADE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="IN.jsonl", help="one JSON object per line, with a response and a reference answer")
     p.add_argument("-o", "--output", metavar="OUT.jsonl", required=True,
@@ -342,29 +213,6 @@ def _setup_environment() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
-def _print_models_table(title: str, summary: dict):
-    from rich.console import Console
-    from rich.table import Table
-
-    from tasks.publish import SUMMARY_HEADER, summary_rows
-
-    console = Console()
-    table = Table(title=title)
-    for col in SUMMARY_HEADER:
-        table.add_column(col)
-    for row in summary_rows(summary):
-        table.add_row(*row)
-    console.print(table)
-    return console
-
-
-def print_summary(summary: dict) -> None:
-    console = _print_models_table(f"concise-rl: {summary['registered_model']}", summary)
-    verdict = "[green]PASSED[/green]" if summary["gate"]["passed"] else "[red]FAILED[/red]"
-    console.print(f"gate {verdict}; champion version: {summary['champion_version']}")
-    console.print(f"summary written to {paths.reports() / 'latest' / 'summary.json'}")
-
-
 def _alias_uri(cfg, alias: str, hint: str = "run the stage that creates it first (concise-rl run, or "
                "curate/train in order) or pass --model") -> dict[str, str]:
     from tasks import tracking
@@ -376,50 +224,30 @@ def _alias_uri(cfg, alias: str, hint: str = "run the stage that creates it first
     return {"version": str(version.version), "uri": tracking.model_uri(version.name, version.version)}
 
 
-def _explicit_model(cfg, uri: str, option: str = "--model") -> dict[str, str]:
-    from tasks import tracking
+def _resolve(cfg, uri: str, option: str = "--model") -> dict[str, str]:
+    from tasks.model_uri import resolve_model
 
-    if uri.startswith("models:/"):
-        match = tracking.MODEL_URI.match(uri)
-        if match is None:
-            raise LookupError(f"{option} {uri}: not a registry URI; write models:/NAME/VERSION (a number) or "
-                              "models:/NAME@ALIAS")
-        from mlflow.exceptions import MlflowException
-
-        name, number, alias = match["name"], match["version"], match["alias"]
-        client = tracking.setup(cfg)
-        try:
-            version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            raise LookupError(f"{option} {uri}: the registry has no such version; `concise-rl models` lists the "
-                              "registered versions and their aliases") from None
-        return {"version": str(version.version), "uri": tracking.model_uri(name, version.version)}
-    if uri.startswith("s3://"):  # a checkpoint folder in the artifact store; checked when it is downloaded
-        return {"version": "local", "uri": uri}
-    if not Path(uri).is_dir():
-        raise FileNotFoundError(f"{option} {uri}: not a models:/ URI, not an s3:// checkpoint folder and not a "
-                                "model directory; pass a local model folder, models:/NAME/VERSION, "
-                                "models:/NAME@ALIAS or a version's checkpoint_uri")
-    return {"version": "local", "uri": uri}
+    return resolve_model(cfg, uri, what=f"{option} {uri}")
 
 
 def _latest_curation(hint: str = "run `concise-rl curate` first or pass --problems") -> Path:
-    pointer = paths.curation() / "latest"
-    if not pointer.is_file():
+    from concise_rl.files import read_latest
+
+    curation = read_latest(paths.curation())
+    if curation is None:
         raise LookupError(f"no curation has run yet; {hint}")
-    return paths.curation() / pointer.read_text().strip()
+    return curation
 
 
 def _cmd_run(args, cfg) -> int:
+    from concise_rl import console
     from flows.pipeline import pipeline
 
     # Taken here too (the flow takes it again, re-entrantly), so a second run stops
     # before it starts Prefect's temporary server.
     with _registry_lock(cfg, f"concise-rl run ({args.config or 'built-in defaults'})"):
         summary = pipeline(config_path=args.config, overrides=args.overrides, git_sha=args.git_sha)
-    print_summary(summary)
+    console.print_summary(summary)
     return _gate_exit(summary)
 
 
@@ -447,7 +275,7 @@ def _cmd_curate(args, cfg) -> int:
 def _curate(args, cfg) -> int:
     from tasks import stages
 
-    model = _explicit_model(cfg, args.model) if args.model else stages.prepare_base(cfg)
+    model = _resolve(cfg, args.model) if args.model else stages.prepare_base(cfg)
     out = stages.curate(cfg, model["uri"])
     print(f"curated sets in {out}: phase1.jsonl, phase2.jsonl, pass_rates.jsonl")
     return 0
@@ -461,7 +289,7 @@ def _cmd_train(args, cfg) -> int:
     acc = stages.accelerator(cfg)
     try:
         with acc.main_process_first():  # under `accelerate launch`, one process at a time reads the registry
-            start = _explicit_model(cfg, args.model) if args.model else _alias_uri(cfg, default_alias)
+            start = _resolve(cfg, args.model) if args.model else _alias_uri(cfg, default_alias)
             problems = args.problems or str(_latest_curation() / f"{phase}.jsonl")
         if not acc.is_main_process:
             stages.train_phase(cfg, phase, start["uri"], problems, acc)
@@ -519,7 +347,7 @@ def _labelled_models(cfg, items: list[str]) -> dict[str, dict[str, str]]:
         label, sep, uri = item.partition("=")
         if not sep or label.startswith("models:"):
             label, uri = None, item
-        info = _explicit_model(cfg, uri)
+        info = _resolve(cfg, uri)
         label = label or (f"v{info['version']}" if info["version"] != "local" else Path(uri).resolve().name)
         if label in (".", "..") or "/" in label or "\\" in label:
             raise ConfigError(f"--model {item!r}: label {label!r} would be a path (labels name MLflow artifact "
@@ -531,6 +359,7 @@ def _labelled_models(cfg, items: list[str]) -> dict[str, dict[str, str]]:
 
 
 def _cmd_evaluate(args, cfg) -> int:
+    from concise_rl import console
     from tasks import stages
 
     cfg = _with_evaluation_options(cfg, args)
@@ -539,31 +368,25 @@ def _cmd_evaluate(args, cfg) -> int:
     else:
         models = {"base": _alias_uri(cfg, "base"), "phase1": _alias_uri(cfg, "phase1"),
                   "phase2": _alias_uri(cfg, "candidate")}
-    results = stages.evaluate(cfg, models)
-    _print_models_table(f"evaluation: {cfg.registry.model_name}",
-                        {"models": results, "length_reduction_pct": {}})
-    report = next(iter(results.values()))["report"]
-    print(f"responses and summaries under {paths.evaluations()}; report: {report}/report.md")
+    console.print_evaluation(f"evaluation: {cfg.registry.model_name}", stages.evaluate(cfg, models))
     return 0
 
 
 def _cmd_compare(args, cfg) -> int:
+    from concise_rl import console
     from evaluation.gate import evaluate_gate
-    from evaluation.report import gate_table
     from tasks import stages
 
     cfg = _with_evaluation_options(cfg, args)
-    models = {"A": _explicit_model(cfg, args.baseline, option="A"),
-              "B": _explicit_model(cfg, args.candidate, option="B")}
+    models = {"A": _resolve(cfg, args.baseline, option="A"), "B": _resolve(cfg, args.candidate, option="B")}
     results = stages.evaluate(cfg, models)
     verdict = evaluate_gate(results["B"]["eval"], results["A"]["eval"], cfg.gate)
-    _print_models_table("compare: A (baseline) and B (candidate)", {"models": results, "length_reduction_pct": {}})
-    print(f"gate for B ({args.candidate}) against A ({args.baseline}): {'PASSED' if verdict['passed'] else 'FAILED'}")
-    print("\n".join(gate_table(verdict)))
+    console.print_comparison(results, verdict, baseline=args.baseline, candidate=args.candidate)
     return 0 if verdict["passed"] else EXIT_GATE_FAILED
 
 
 def _cmd_promote(args, cfg) -> int:
+    from concise_rl import console
     from tasks import stages
 
     parent_alias = "phase1" if cfg.phase1.enabled else "base"
@@ -572,17 +395,18 @@ def _cmd_promote(args, cfg) -> int:
         models["phase1"] = _alias_uri(cfg, "phase1")
     with _registry_lock(cfg, "concise-rl promote"):
         summary = stages.promote(cfg, stages.evaluate(cfg, models), parent_label=parent_alias)
-    print_summary(summary)
+    console.print_summary(summary)
     return _gate_exit(summary)
 
 
 def _cmd_ablate(args, cfg) -> int:
+    from concise_rl import console
     from concise_rl.ablation import DEFAULT_BANDS, default_variants
 
     first = "run `concise-rl run` first (or `concise-rl curate` and `concise-rl train --phase 1`)"
     curation = _latest_curation(f"the ablation trains on the curated problems; {first}")
     start_alias = "phase1" if cfg.phase1.enabled else "base"
-    start = (_explicit_model(cfg, args.start, option="--start") if args.start
+    start = (_resolve(cfg, args.start, option="--start") if args.start
              else _alias_uri(cfg, start_alias, hint=f"the ablation starts from it; {first}, or pass --start"))
     from tasks.ablate import run_ablation
 
@@ -590,12 +414,12 @@ def _cmd_ablate(args, cfg) -> int:
         cfg, start=start, curation_dir=curation, variants=args.variants or default_variants(args.bands or DEFAULT_BANDS),
         out_dir=args.output, steps=args.steps, eval_problems=args.eval_problems,
     )
-    print(report["markdown"])
-    print(f"ablation.md, ablation.json and ablation.png in {report['out_dir']} (MLflow run {report['mlflow_run_id']})")
+    console.print_ablation(report)
     return 0
 
 
 def _cmd_grade(args, cfg) -> int:
+    from concise_rl import console
     from evaluation.grade_file import grade_file
     from evaluation.grader import Grader
 
@@ -604,54 +428,18 @@ def _cmd_grade(args, cfg) -> int:
     with Grader(workers, timeout) as grader:
         report = grade_file(args.input, args.output, response_field=args.response_field,
                             answer_field=args.answer_field, label_field=args.label_field, grader=grader)
-    print(f"graded {report.responses} responses in {report.rows} rows: {report.correct} correct "
-          f"({100 * report.accuracy:.1f}%); written to {args.output}")
-    if report.agreement is not None:
-        print(f"agreement with {args.label_field!r}: {report.agreed}/{report.labelled} "
-              f"({100 * report.agreement:.2f}%)")
-        for d in report.disagreements:
-            index = "" if d["response_index"] is None else f" response {d['response_index']}"
-            print(f"  {d['location']}{index}: answer {d['answer']!r}, extracted {d['extracted']!r}: "
-                  f"ours {d['ours']}, label {d['label']} ({d['reason']})")
+    console.print_grading(report, args.output, args.label_field)
     return 0
 
 
 # --------------------------------------------------------------------------- models
-MODELS_DESCRIPTION = """\
-List every registered version of the config's model (registry.model_name) in its
-tracking store (registry.tracking_uri: the local sqlite store by default, or an MLflow
-server such as http://HOST:PORT): aliases, phase, parent version, creation time (UTC),
-gate verdict, and for a promoted version its figures per set and temperature:
-accuracy, its paired change against the parent with the 95% CI (points), mean
-length and the length reduction against the parent.
-"""
-
-
 def _add_models_parser(sub) -> None:
     p = sub.add_parser("models", help="list the registered versions with aliases, lineage, gate verdict and figures",
-                       description=MODELS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=cli_text.MODELS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  concise-rl models --config configs/demo.yaml\n"
                               "  concise-rl models --set registry.tracking_uri=http://127.0.0.1:5000 --json")
     _common(p)
     p.add_argument("--json", action="store_true", help="print the versions as a JSON list instead of a table")
-
-
-def _figures_text(figures: dict) -> str:
-    lines = []
-    for bench, temps in figures.items():
-        for t, f in temps.items():
-            parts = [f"{bench} T={t}:"]
-            if "accuracy" in f:
-                parts.append(f"acc {100 * f['accuracy']:.1f}%")
-            if {"accuracy_diff", "accuracy_diff_ci_low", "accuracy_diff_ci_high"} <= set(f):
-                parts.append(f"({100 * f['accuracy_diff']:+.1f} [{100 * f['accuracy_diff_ci_low']:+.1f}, "
-                             f"{100 * f['accuracy_diff_ci_high']:+.1f}])")
-            if "mean_length" in f:
-                parts.append(f"len {f['mean_length']:.1f}")
-            if "length_reduction_pct" in f:
-                parts.append(f"cut {f['length_reduction_pct']:.1f}%")
-            lines.append(" ".join(parts))
-    return "\n".join(lines)
 
 
 def _cmd_models(args, cfg) -> int:
@@ -663,32 +451,19 @@ def _cmd_models(args, cfg) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
+    from concise_rl import console
     from concise_rl.config import redact_url
 
-    table = Table(title=escape(f"{cfg.registry.model_name} in {redact_url(tracking.tracking_uri(cfg))}"),
-                  caption="acc: accuracy (paired change vs parent [95% CI], points); len: mean response length "
-                          "(tokens); cut: length cut vs parent")
-    for col in ("version", "aliases", "phase", "parent", "created (UTC)", "gate", "figures vs parent"):
-        table.add_column(escape(col))
-    for r in rows:
-        gate = r["gate"] + (f": {r['gate_failed_criteria']}" if r["gate_failed_criteria"] else "")
-        table.add_row(*map(escape, (r["version"], ", ".join(r["aliases"]), r["phase"], r["parent_version"],
-                                    r["created"].replace("T", " ").rstrip("Z"), gate, _figures_text(r["eval"]))))
-    # Piped into a file or a CI log, rich would fold the table to 80 columns; give it room instead.
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console.print_versions(f"{cfg.registry.model_name} in {redact_url(tracking.tracking_uri(cfg))}", rows)
     return 0
 
 
 def _cmd_deploy(args) -> int:
+    from concise_rl import console
     from concise_rl.deploy import deploy
 
-    for d in deploy(args.config_file and Path(args.config_file), pool=args.pool, pool_type=args.pool_type):
-        schedules = ", ".join(d["schedules"]) or "no schedule (on demand)"
-        print(f"deployment {d['name']} ({d['id']}) on work pool {d['work_pool']!r}: {schedules}")
+    console.print_deployments(deploy(args.config_file and Path(args.config_file), pool=args.pool,
+                                     pool_type=args.pool_type))
     return 0
 
 

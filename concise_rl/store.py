@@ -23,9 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 from concise_rl import paths
 from concise_rl.config import StoreConfig, redact_url
+from concise_rl.files import atomic_file, atomic_write_bytes, replaced_dir
 
 log = logging.getLogger(__name__)
 
@@ -176,18 +175,11 @@ class _LocalFolder:
         return str(self.root / key)
 
     def put_file(self, src: Path, key: str) -> None:
-        dst = self.root / key
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with atomic_file(self.root / key) as tmp:
+            shutil.copyfile(src, tmp)
 
     def put_bytes(self, data: bytes, key: str) -> None:
-        dst = self.root / key
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, dst)
+        atomic_write_bytes(self.root / key, data)
 
     def get_bytes(self, key: str) -> bytes | None:
         try:
@@ -463,9 +455,7 @@ class ArtifactStore:
                 f"is written last) or the URI is wrong; refusing to download"
             )
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-        try:
+        with replaced_dir(dest, unique=True) as tmp:
             for rel, entry in manifest["files"].items():
                 target = tmp / _safe_relpath(rel, folder.name(MANIFEST))
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -478,12 +468,6 @@ class ArtifactStore:
                     ) from None
                 _check_file(target, entry, folder.name(rel))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         log.info("downloaded %s to %s (%d files checked)", folder.uri, dest, len(manifest["files"]))
         return manifest
 

@@ -13,13 +13,12 @@ never leaves half a file under the output name.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from concise_rl.errors import ProblemLoadError
+from concise_rl.files import atomic_file
 from concise_rl.problems import read_rows
 from evaluation.grader import Grader, default_grader
 
@@ -120,41 +119,34 @@ def grade_file(
         raise GradeInputError(f"{in_path}: no rows to grade (the file is empty)")
     grades = (grader or default_grader()).grade_many(flat_responses, flat_answers, desc="grading" if progress else None)
     report = GradeReport(rows=len(rows), responses=len(grades), correct=sum(g.correct for g in grades))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for row, (location, start, n, is_list, labels) in zip(rows, spans):
-                mine = grades[start : start + n]
-                values = {
-                    "correct": [g.correct for g in mine],
-                    "extracted": [g.extracted for g in mine],
-                    "reason": [g.reason for g in mine],
-                }
-                out.write(
-                    json.dumps(
-                        {**row, **(values if is_list else {k: v[0] for k, v in values.items()})}, ensure_ascii=False
-                    )
-                    + "\n"
+    with atomic_file(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for row, (location, start, n, is_list, labels) in zip(rows, spans):
+            mine = grades[start : start + n]
+            values = {
+                "correct": [g.correct for g in mine],
+                "extracted": [g.extracted for g in mine],
+                "reason": [g.reason for g in mine],
+            }
+            out.write(
+                json.dumps(
+                    {**row, **(values if is_list else {k: v[0] for k, v in values.items()})}, ensure_ascii=False
                 )
-                for j, (g, label) in enumerate(zip(mine, labels or [])):
-                    report.labelled += 1
-                    if g.correct == label:
-                        report.agreed += 1
-                    else:
-                        report.disagreements.append(
-                            {
-                                "location": location,
-                                "response_index": j if is_list else None,
-                                "answer": flat_answers[start + j],
-                                "extracted": g.extracted,
-                                "ours": g.correct,
-                                "label": label,
-                                "reason": g.reason,
-                            }
-                        )
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+                + "\n"
+            )
+            for j, (g, label) in enumerate(zip(mine, labels or [])):
+                report.labelled += 1
+                if g.correct == label:
+                    report.agreed += 1
+                else:
+                    report.disagreements.append(
+                        {
+                            "location": location,
+                            "response_index": j if is_list else None,
+                            "answer": flat_answers[start + j],
+                            "extracted": g.extracted,
+                            "ours": g.correct,
+                            "label": label,
+                            "reason": g.reason,
+                        }
+                    )
     return report

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -118,11 +117,6 @@ def plot_length_histograms(responses: dict[str, list[dict]], out: Path) -> Path:
         ax.set_ylabel("responses")
         ax.legend()
     return save_figure(fig, out)
-
-
-def read_responses(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_report(

@@ -1,39 +1,28 @@
 """Evaluation only, as a Prefect flow: given models on the config's sets, with the report.
 
 The evaluation-only deployment of infra/prefect.yaml runs it, e.g. to evaluate the
-champion on a new benchmark without training anything. Models are labelled URIs
-(``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or a local Hugging Face folder);
+champion on a new benchmark without training anything. Models are labelled URIs, in
+the forms every command takes (tasks/model_uri.py: ``models:/NAME/VERSION``,
+``models:/NAME@ALIAS``, an ``s3://`` checkpoint folder or a local Hugging Face folder);
 results are cached per model and settings like every evaluation (tasks/stages.py).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from concise_rl.config import load_config
 from evaluation import grader
-from tasks import stages, tracking
+from tasks import stages
+from tasks.model_uri import resolve_model
 
 evaluate = task(stages.evaluate, name="evaluate", retries=1, cache_policy=NO_CACHE)
 
 
 def resolve_models(cfg, models: dict[str, str]) -> dict[str, dict[str, str]]:
     """``{label: uri}`` -> ``{label: {"version", "uri"}}``, aliases resolved to their version now."""
-    client = tracking.setup(cfg)
-    out = {}
-    for label, uri in models.items():
-        if uri.startswith("models:/"):
-            name, _, ref = uri[len("models:/"):].partition("@" if "@" in uri else "/")
-            version = client.get_model_version_by_alias(name, ref) if "@" in uri else client.get_model_version(name, ref)
-            out[label] = {"version": str(version.version), "uri": tracking.model_uri(name, version.version)}
-        elif Path(uri).is_dir():
-            out[label] = {"version": "local", "uri": uri}
-        else:
-            raise FileNotFoundError(f"model {label}={uri}: not a models:/ URI and not a model directory")
-    return out
+    return {label: resolve_model(cfg, uri, what=f"model {label}={uri}") for label, uri in models.items()}
 
 
 @flow(name="concise-rl-evaluate")

@@ -41,12 +41,14 @@ from concise_rl import paths
 from concise_rl.ablation import Variant
 from concise_rl.config import Band, PipelineConfig, PPOConfig, stable_hash
 from concise_rl.errors import CurationError, TrainingGuardError
+from concise_rl.files import atomic_write_json, read_jsonl
 from concise_rl.problems import Problem, load_problems, problems_hash, save_problems
 from evaluation import plots
 from evaluation.evaluate import evaluate_model, temp_key
 from evaluation.gate import length_reduction_pct
 from tasks import tracking
-from tasks.stages import _atomic_write_json, _read_jsonl, device, load_source
+from tasks.model_uri import local_model_dir
+from tasks.stages import device, load_source
 from training.grpo import GRPORun
 from training.models import load_policy, load_tokenizer
 from training.trainer import PPOTrainer
@@ -64,7 +66,7 @@ class _Curation:
         self.cfg = cfg
         self.folder = folder
         self.phase2 = load_problems(folder / "phase2.jsonl")
-        self.rates = {row["problem_id"]: row["pass_rate"] for row in _read_jsonl(folder / "pass_rates.jsonl")}
+        self.rates = {row["problem_id"]: row["pass_rate"] for row in read_jsonl(folder / "pass_rates.jsonl")}
         self._candidates: list[Problem] | None = None
 
     def mean_pass_rate(self, problems: list[Problem]) -> float | None:
@@ -127,7 +129,7 @@ def run_ablation(
     heldout = load_source(cfg.evaluation.heldout, split="heldout")[:eval_problems]
     out = Path(out_dir) if out_dir else default_out_dir(cfg, start, curation.folder, ppo, eval_problems)
     tracking.setup(cfg)
-    start_dir = tracking.resolve_model_uri(start["uri"])
+    start_dir = local_model_dir(cfg, start["uri"])
     # What every variant's result depends on besides its own training settings and problems.
     common = {"start": start["uri"], "model": cfg.model.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(),
               "reward": cfg.reward.model_dump(), "eval": cfg.evaluation.model_dump(mode="json"),
@@ -196,7 +198,7 @@ def _run_variant(cfg: PipelineConfig, variant: Variant, ppo: PPOConfig, curation
         result = {"variant": variant.name, "kind": variant.kind, "status": "stopped", "key": key, "note": note,
                   "steps": settings.steps, "problems": len(problems), "stop": stop,
                   "train_seconds": round(time.perf_counter() - t0, 1)}
-        _atomic_write_json(result_file, result)
+        atomic_write_json(result_file, result)
         return result
     t1 = time.perf_counter()
     evals = _evaluate(cfg, final, heldout, vdir)
@@ -212,7 +214,7 @@ def _run_variant(cfg: PipelineConfig, variant: Variant, ppo: PPOConfig, curation
         "model_dir": str(final), "train_seconds": round(t1 - t0, 1),
         "eval_seconds": round(time.perf_counter() - t1, 1), "eval": evals,
     }
-    _atomic_write_json(result_file, result)
+    atomic_write_json(result_file, result)
     return result
 
 
@@ -255,7 +257,7 @@ def _evaluate_start(cfg: PipelineConfig, start_dir: str, heldout: list[Problem],
         if cached.get("key") == key:
             return cached["eval"]
     evals = _evaluate(cfg, start_dir, heldout, out)
-    _atomic_write_json(summary_file, {"key": key, "eval": evals})
+    atomic_write_json(summary_file, {"key": key, "eval": evals})
     return evals
 
 
@@ -337,5 +339,5 @@ def _report(cfg: PipelineConfig, start: dict[str, str], start_dir: str, curation
         "rows": rows,
         "mlflow_run_id": run_id,
     }
-    _atomic_write_json(out / "ablation.json", report)
+    atomic_write_json(out / "ablation.json", report)
     return {**report, "markdown": text, "out_dir": str(out)}

@@ -11,14 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import torch
@@ -29,6 +26,8 @@ from concise_rl import paths
 from concise_rl import store as artifact_store
 from concise_rl.config import DataSource, PipelineConfig, PPOConfig, stable_hash
 from concise_rl.errors import TrainingGuardError
+from concise_rl.files import atomic_write_json, point_latest, read_jsonl, read_latest, replaced_dir
+from concise_rl.mirror import CheckpointMirror, finish_uploads
 from concise_rl.problems import Problem, load_hf_dataset, load_problems, problems_hash, save_problems
 from concise_rl.synthetic import generate_problems
 from evaluation import plots
@@ -36,8 +35,9 @@ from evaluation.benchmarks import load_benchmark
 from evaluation.evaluate import evaluate_model
 from evaluation.gate import evaluate_gate, length_reductions
 from evaluation.metrics import macro_average
-from evaluation.report import read_responses, write_report
+from evaluation.report import write_report
 from tasks import publish, tracking
+from tasks.model_uri import local_model_dir
 from training import curation as curation_lib
 from training.embedded import build_embedded_model
 from training.guards import STOP_FILE, read_stop
@@ -92,17 +92,6 @@ def load_source(src: DataSource, split: str = "train") -> list[Problem]:
     if src.kind == "benchmark":
         return load_benchmark(src.name, data_dir=src.path, limit=src.limit, few_shot=src.few_shot)
     return load_hf_dataset(src.name, split=src.split, limit=src.limit)
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _store_checkpoint(cfg: PipelineConfig, model_dir: Path, phase: str) -> tuple[str, dict[str, str]]:
@@ -179,7 +168,7 @@ def curate(cfg: PipelineConfig, model_uri: str) -> str:
     out = paths.curation() / key
     if (out / "done.json").is_file():
         log.info("curation already done in %s", out)
-        _point_latest(out)
+        point_latest(out.parent, out.name)  # the newest curation: `concise-rl train` finds its sets without a path
         return str(out)
     with _stage_run(cfg, "curate", model_uri=model_uri):
         model_dir = local_model_dir(cfg, model_uri)
@@ -190,33 +179,29 @@ def curate(cfg: PipelineConfig, model_uri: str) -> str:
             model, tokenizer, candidates, cfg.curation, cfg.prompt, cfg.reward, engine=cfg.model.generation_engine
         )
         phase1, phase2 = curation_lib.select_sets(candidates, rates, cfg.curation, cfg.seed)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_problems(phase1, tmp / "phase1.jsonl")
-        save_problems(phase2, tmp / "phase2.jsonl")
-        table = [
-            {"problem_id": r.problem_id, "level": r.level, "pass_rate": r.pass_rate, "correct": r.correct,
-             "samples": r.samples, "mean_length": r.mean_length,
-             "phase1": r.problem_id in {p.id for p in phase1}, "phase2": r.problem_id in {p.id for p in phase2}}
-            for r in rates
-        ]
-        with open(tmp / "pass_rates.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in table)
-        plots.plot_pass_rates(
-            [r.pass_rate for r in rates],
-            {"phase 1": (cfg.curation.phase1_band.low, cfg.curation.phase1_band.high),
-             "phase 2": (cfg.curation.phase2_band.low, cfg.curation.phase2_band.high)},
-            tmp / "pass_rates.png",
-        )
-        summary = {
-            "model_uri": model_uri, "candidates": len(candidates), "phase1": len(phase1), "phase2": len(phase2),
-            "mean_pass_rate": sum(r.pass_rate for r in rates) / len(rates),
-        }
-        (tmp / "done.json").write_text(json.dumps(summary, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        _point_latest(out)
+        with replaced_dir(out) as tmp:
+            save_problems(phase1, tmp / "phase1.jsonl")
+            save_problems(phase2, tmp / "phase2.jsonl")
+            table = [
+                {"problem_id": r.problem_id, "level": r.level, "pass_rate": r.pass_rate, "correct": r.correct,
+                 "samples": r.samples, "mean_length": r.mean_length,
+                 "phase1": r.problem_id in {p.id for p in phase1}, "phase2": r.problem_id in {p.id for p in phase2}}
+                for r in rates
+            ]
+            with open(tmp / "pass_rates.jsonl", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in table)
+            plots.plot_pass_rates(
+                [r.pass_rate for r in rates],
+                {"phase 1": (cfg.curation.phase1_band.low, cfg.curation.phase1_band.high),
+                 "phase 2": (cfg.curation.phase2_band.low, cfg.curation.phase2_band.high)},
+                tmp / "pass_rates.png",
+            )
+            summary = {
+                "model_uri": model_uri, "candidates": len(candidates), "phase1": len(phase1), "phase2": len(phase2),
+                "mean_pass_rate": sum(r.pass_rate for r in rates) / len(rates),
+            }
+            (tmp / "done.json").write_text(json.dumps(summary, indent=2))
+        point_latest(out.parent, out.name)
         mlflow.log_table({k: [row[k] for row in table] for k in table[0]}, artifact_file="pass_rates.json")
         tracking.log_metrics({"candidates": len(candidates), "phase1_problems": len(phase1),
                               "phase2_problems": len(phase2), "mean_pass_rate": summary["mean_pass_rate"]})
@@ -225,135 +210,7 @@ def curate(cfg: PipelineConfig, model_uri: str) -> str:
     return str(out)
 
 
-def _point_latest(curation_dir: Path) -> None:
-    """Record the newest curation so `concise-rl train` finds its sets without a path."""
-    pointer = curation_dir.parent / "latest"
-    tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(curation_dir.name)
-    os.replace(tmp, pointer)
-
-
 # --------------------------------------------------------------------------- training
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-class _CheckpointMirror:
-    """Copies of one training run's PPO checkpoints in the artifact store, for a restart elsewhere.
-
-    Under ``runs/<model>/<phase>/<run key>/`` each checkpoint is a folder committed
-    with its manifest, and ``LATEST`` (written after it) names the newest; the one
-    before it is deleted once ``LATEST`` has moved, so the store holds one or two.
-    A fresh machine (no local checkpoint) restores the folder ``LATEST`` names,
-    checked file by file, and PPO resumes from it as from a local one.
-
-    Uploads run in a background thread, one at a time: :meth:`push` waits for the
-    previous one (raising its error, if it had one) and starts the next, so training
-    does not stop for a multi-GB transfer. :meth:`close` waits for the last one.
-    """
-
-    STAGING = ".mirror-staging"
-
-    def __init__(self, cfg: PipelineConfig, phase: str, run_key: str):
-        self.store = artifact_store.open_store(cfg.store)
-        self.root = self.store.uri("runs", cfg.registry.model_name, phase, run_key[:16])
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    @staticmethod
-    def enabled(cfg: PipelineConfig) -> bool:
-        on = cfg.store.mirror_checkpoints
-        return artifact_store.is_s3(cfg.store.uri or "") if on is None else on
-
-    def push(self, path: Path) -> None:
-        """Wait for the previous upload (raising its error), then start uploading ``path`` in the background."""
-        self.close()
-        staged = self._stage(path)
-        self._thread = threading.Thread(target=self._upload, args=(staged, path.name),
-                                        name=f"mirror-{path.name}")
-        self._thread.start()
-
-    def close(self) -> None:
-        """Wait for the upload in flight, if any; raise the error it ended with."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def _stage(self, path: Path) -> Path:
-        # The trainer prunes old local checkpoints (keeping two) before it calls us, so with slow
-        # uploads the folder being uploaded can be deleted under the upload. Hard links to its files
-        # in a sibling folder keep their content alive until the upload is done; they cost no space
-        # (same filesystem). Where linking fails, the files are copied.
-        staged = path.parent / self.STAGING / path.name
-        shutil.rmtree(staged, ignore_errors=True)  # left by a process killed mid-upload
-        try:
-            shutil.copytree(path, staged, copy_function=_link_or_copy)
-        except BaseException:
-            self._unstage(staged)
-            raise
-        return staged
-
-    def _unstage(self, staged: Path) -> None:
-        shutil.rmtree(staged, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            staged.parent.rmdir()  # only once empty
-
-    def _upload(self, staged: Path, name: str) -> None:
-        """Commit ``staged`` as ``name``, then point ``LATEST`` at it, then delete the one before (in the thread)."""
-        try:
-            previous = self.store.read_text(artifact_store.join(self.root, "LATEST"))
-            self.store.upload_dir(staged, artifact_store.join(self.root, name))
-            self.store.write_text(artifact_store.join(self.root, "LATEST"), name)
-            if previous and previous.strip() != name:
-                self.store.delete_dir(artifact_store.join(self.root, previous.strip()))
-            log.info("checkpoint %s mirrored to %s", name, self.root)
-        except BaseException as exc:  # noqa: BLE001 - handed to the next push() or close()
-            self._error = exc
-        finally:
-            self._unstage(staged)
-
-    def restore(self, ckpt_dir: Path) -> str | None:
-        """Download the newest mirrored checkpoint into ``ckpt_dir`` and point ``latest`` at it; its name."""
-        name = self.store.read_text(artifact_store.join(self.root, "LATEST"))
-        if not name:
-            return None
-        name = name.strip()
-        self.store.download_dir(artifact_store.join(self.root, name), ckpt_dir / name)
-        pointer = ckpt_dir / "latest.tmp"
-        pointer.write_text(name)
-        os.replace(pointer, ckpt_dir / "latest")
-        log.info("restored checkpoint %s from %s", name, self.root)
-        return name
-
-
-def local_model_dir(cfg: PipelineConfig, uri: str) -> str:
-    """A local folder for a model URI: ``models:/``/``runs:/`` through MLflow, ``s3://`` through the store.
-
-    An ``s3://`` URI (a ``checkpoint_uri`` tag, for one) must be a folder committed
-    with its manifest; it is downloaded once into ``<home>/downloads/``, every file
-    checked against the manifest. Local paths pass through.
-    """
-    if not artifact_store.is_s3(uri):
-        return tracking.resolve_model_uri(uri)
-    store = artifact_store.open_store(cfg.store)
-    manifest = store.read_manifest(uri)
-    if manifest is None:
-        raise artifact_store.StoreError(
-            f"--model {uri}: no {artifact_store.MANIFEST} there, so it is not a committed checkpoint folder (the "
-            f"manifest is written last); use a version's checkpoint_uri tag (concise-rl models) or a models:/ URI"
-        )
-    target = paths.home() / "downloads" / f"store-{artifact_store.manifest_digest(manifest)[:16]}"
-    if not (target / artifact_store.MANIFEST).is_file():
-        store.download_dir(uri, target)
-    return str(target)
-
-
 def accelerator(cfg: PipelineConfig) -> Accelerator:
     """The accelerator PPO runs under: one process, or each process of `accelerate launch`."""
     return Accelerator(cpu=device(cfg).type == "cpu")
@@ -381,7 +238,7 @@ def train_phase(
     with acc.main_process_first():  # one process creates the tracking store, then the others read it
         tracking.setup(cfg)
         policy_path = local_model_dir(cfg, model_uri)
-    mirror: list[_CheckpointMirror] = []  # set below, once the run key is known
+    mirror: list[CheckpointMirror] = []  # set below, once the run key is known
     trainer = PPOTrainer(
         policy_path=policy_path,
         problems=problems,
@@ -399,8 +256,8 @@ def train_phase(
     if done is not None:
         log.info("%s already trained in %s", phase, done)
         return str(done)
-    if _CheckpointMirror.enabled(cfg) and acc.is_main_process:
-        mirror.append(_CheckpointMirror(cfg, phase, trainer.run_key))
+    if CheckpointMirror.enabled(cfg) and acc.is_main_process:
+        mirror.append(CheckpointMirror(cfg, phase, trainer.run_key))
         if trainer.resumable_step() is None:  # a new machine, or a wiped disk: resume from the store's copy
             mirror[0].restore(trainer.ckpt_dir)
     acc.wait_for_everyone()
@@ -415,20 +272,8 @@ def train_phase(
             final = trainer.train()
         failed = False
     finally:
-        _finish_mirror(mirror, training_failed=failed)
+        finish_uploads(mirror, training_failed=failed)
     return str(final)
-
-
-def _finish_mirror(mirror: list[_CheckpointMirror], training_failed: bool) -> None:
-    """Wait for the last checkpoint upload; its error is raised, or only logged when training failed
-    (that exception is the one to see)."""
-    for m in mirror:
-        try:
-            m.close()
-        except Exception as exc:
-            if not training_failed:
-                raise
-            log.error("the upload of the last checkpoint to %s failed as well: %s", m.root, exc)
 
 
 def _train_tracked(cfg: PipelineConfig, phase: str, model_uri: str, trainer: PPOTrainer, n_problems: int,
@@ -470,7 +315,7 @@ def _log_training(phase: str, run) -> None:
     metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
     if metrics_file.is_file():
         mlflow.log_artifact(str(metrics_file))
-        rows = _read_jsonl(metrics_file)
+        rows = read_jsonl(metrics_file)
         mlflow.log_artifact(str(plots.plot_training({phase: rows}, paths.checkpoints(phase) / "training.png")))
         keys = ("step", "reward", "accuracy", "response_length", "kl", "policy_loss", "value_loss")
         publish.table(f"{phase}-metrics", [{k: r.get(k) for k in keys} for r in rows],
@@ -563,7 +408,7 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
                 out.mkdir(parents=True, exist_ok=True)
                 with open(out / "responses.jsonl", "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in records)
-                _atomic_write_json(summary_file, summary)
+                atomic_write_json(summary_file, summary)
             summary = json.loads(summary_file.read_text())
             results[label] = {"version": info["version"], "uri": info["uri"], "eval": summary}
             for bench, temps in {**summary, "macro": macro_average(summary)}.items():
@@ -576,7 +421,7 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
         which = stable_hash(sorted((k, v["version"], v["uri"]) for k, v in models.items()))[:8]
         report_dir = paths.evaluations() / "reports" / f"{key}-{which}"
         files = write_report(
-            results, {label: read_responses(folder / "responses.jsonl") for label, folder in folders.items()}, report_dir
+            results, {label: read_jsonl(folder / "responses.jsonl") for label, folder in folders.items()}, report_dir
         )
         mlflow.log_artifacts(str(report_dir), artifact_path="report")
         uploaded = store.upload_dir(report_dir, store.uri("evaluations", "reports", report_dir.name))
@@ -652,13 +497,13 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
         tracking.log_metrics({"gate_passed": float(verdict["passed"])})
         mlflow.log_dict(summary, "summary.json")
         report_dir = paths.reports() / time.strftime("%Y%m%d-%H%M%S")
-        _atomic_write_json(report_dir / "summary.json", summary)
+        atomic_write_json(report_dir / "summary.json", summary)
         figures = _report_plots(report_dir)
         for figure in figures:
             mlflow.log_artifact(str(figure), artifact_path="plots")
     latest = paths.reports() / "latest"
-    shutil.rmtree(latest, ignore_errors=True)
-    shutil.copytree(report_dir, latest)
+    with replaced_dir(latest) as tmp:
+        shutil.copytree(report_dir, tmp, dirs_exist_ok=True)
     links = {f.name: f"image artifact `{publish.artifact_key('plot-' + f.stem)}`; {latest / f.name}; "
                      f"MLflow run {run.info.run_id}, plots/{f.name}" for f in figures}
     publish.markdown("pipeline-summary", publish.summary_markdown(summary, links), "concise-rl pipeline summary")
@@ -693,13 +538,13 @@ def _refuse_stopped_runs(client, name: str, results: dict[str, dict]) -> None:
 def _report_plots(report_dir: Path) -> list[Path]:
     """Training curves of both phases and the curated pass-rate histogram, next to the summary."""
     figures = []
-    phases = {p: _read_jsonl(paths.checkpoints(p) / "metrics.jsonl") for p in ("phase1", "phase2")
+    phases = {p: read_jsonl(paths.checkpoints(p) / "metrics.jsonl") for p in ("phase1", "phase2")
               if (paths.checkpoints(p) / "metrics.jsonl").is_file()}
     if phases:
         figures.append(plots.plot_training(phases, report_dir / "training_curves.png"))
-    pointer = paths.curation() / "latest"
-    if pointer.is_file():
-        histogram = paths.curation() / pointer.read_text().strip() / "pass_rates.png"
+    curation = read_latest(paths.curation())
+    if curation is not None:
+        histogram = curation / "pass_rates.png"
         if histogram.is_file():
             shutil.copy(histogram, report_dir / "pass_rates.png")
             figures.append(report_dir / "pass_rates.png")

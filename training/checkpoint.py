@@ -28,6 +28,7 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
 from concise_rl.errors import DiskFullError
+from concise_rl.files import read_jsonl, read_latest
 from training.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -97,11 +98,8 @@ class Checkpointer:
     # ----------------------------------------------------------------- what is there
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` points at, if it is complete (whichever run wrote it)."""
-        pointer = self.ckpt_dir / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.ckpt_dir / pointer.read_text().strip()
-        return path if (path / "trainer_state.json").is_file() else None
+        path = read_latest(self.ckpt_dir)
+        return path if path is not None and (path / "trainer_state.json").is_file() else None
 
     def own(self) -> tuple[Path, dict] | None:
         """This run's last checkpoint and its state, if ``latest`` points at one of this run's."""
@@ -143,9 +141,7 @@ class Checkpointer:
     # ----------------------------------------------------------------- metrics
     def read_metrics(self) -> list[dict]:
         path = self.out_dir / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(path) if path.is_file() else []
 
     def append_metrics(self, step: int, metrics: dict[str, float]) -> None:
         with open(self.out_dir / "metrics.jsonl", "a") as f:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from concise_rl.ablation import GRPO_LOSS_TYPES
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig, stable_hash
+from concise_rl.files import replaced_dir
 from concise_rl.problems import Problem, problems_hash
 from training.models import format_prompt, freeze_all_but_top_layers, load_tokenizer
 from training.precision import training_precision
@@ -229,9 +229,8 @@ class GRPORun:
         trainer = self.build()
         trainer.train()
         final = self.out_dir / "final"
-        tmp = final.with_name("final.tmp")
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, safe_serialization=True)
-        trainer.processing_class.save_pretrained(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.cfg.steps, "run_key": self.run_key}))
-        os.replace(tmp, final)
+        with replaced_dir(final) as tmp:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, safe_serialization=True)
+            trainer.processing_class.save_pretrained(tmp)
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.cfg.steps, "run_key": self.run_key}))
         return final

@@ -31,13 +31,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from concise_rl.config import GuardConfig, PPOConfig
 from concise_rl.errors import TrainingGuardError
+from concise_rl.files import atomic_write_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -164,9 +164,7 @@ class StopRecord:
             "metrics": metrics,
         }
         if self.accelerator.is_main_process:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(stop, indent=2))
-            os.replace(tmp, self.path)
+            atomic_write_json(self.path, stop)
         log.error(message)
         raise TrainingGuardError(message, stop)
 
