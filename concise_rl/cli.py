@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", type=_parsed("parse_bands"), metavar="LOW-HIGH[,LOW-HIGH...]",
                    help="pass-rate bands of the band variants when --variants is not given "
                         "(default: 0.125-0.375,0.375-0.625,0.625-0.875)")
-    p.add_argument("--start", metavar="URI", help="models:/NAME/VERSION, models:/NAME@ALIAS or a local model dir to "
-                   "start every variant from (default: alias 'phase1', or 'base' when phase1.enabled is false)")
+    p.add_argument("--start", metavar="URI", help="models:/NAME/VERSION, models:/NAME@ALIAS, a local model dir or an s3:// "
+                   "checkpoint folder to start every variant from (default: alias 'phase1', or 'base' when phase1.enabled is false)")
     p.add_argument("--steps", type=_positive_int, metavar="N",
                    help="RL steps of every variant (default: phase 2's ppo.steps)")
     p.add_argument("--eval-problems", type=_positive_int, metavar="N",
