@@ -20,10 +20,19 @@ GRADER_DEV = SHARED / "grader" / "math_cot_50_dev.jsonl"
 needs_dev = pytest.mark.skipif(not GRADER_DEV.is_file(), reason=f"shared grader data not found at {GRADER_DEV}")
 
 TIMEOUT_S = 2.0
+# Verdicts must not depend on the machine's load: a sympy comparison that takes over 2 s on a
+# busy 2-core machine would otherwise be graded wrong. The timeout tests use TIMEOUT_S.
+VERDICT_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(scope="module")
 def grader():
+    with Grader(workers=2, timeout_s=VERDICT_TIMEOUT_S) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def timed_grader():
     with Grader(workers=2, timeout_s=TIMEOUT_S) as g:
         yield g
 
@@ -74,9 +83,9 @@ def test_against_the_raw_answer_field_the_only_disagreements_are_the_4_30_pm_row
         ("I give up.", "no \\boxed{} answer"),
     ],
 )
-def test_pathological_answers_finish_within_the_timeout_and_are_wrong(grader, response, reason):
+def test_pathological_answers_finish_within_the_timeout_and_are_wrong(timed_grader, response, reason):
     start = time.monotonic()
-    g = grader.grade(response, "5")
+    g = timed_grader.grade(response, "5")
     assert time.monotonic() - start < TIMEOUT_S + 1.5
     assert not g.correct and reason in g.reason
 
@@ -110,13 +119,13 @@ def test_layout_and_separators_do_not_change_the_verdict(grader, response, refer
     assert grader.grade(response, reference).correct is correct
 
 
-def test_timeouts_hold_when_grading_from_a_worker_thread(grader):
+def test_timeouts_hold_when_grading_from_a_worker_thread(timed_grader):
     # math-verify's own (SIGALRM) timeouts do nothing off the main thread; the pool's do.
     out = {}
 
     def work():
         start = time.monotonic()
-        out["grade"] = grader.grade("\\boxed{10^{10^{10^{10}}}}", "5")
+        out["grade"] = timed_grader.grade("\\boxed{10^{10^{10^{10}}}}", "5")
         out["seconds"] = time.monotonic() - start
 
     thread = threading.Thread(target=work)
