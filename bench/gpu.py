@@ -6,7 +6,7 @@ weights is built on the device (no download; random weights almost never sample 
 so every response runs to its token budget and the timings are of full-length
 decoding). Then, printing one JSON line per result as it goes:
 
-1. rollouts: ``training.generation.generate`` with transformers' ``generate``
+1. rollouts: ``concise_rl.training.generation.generate`` with transformers' ``generate``
    (engine "hf") and with the project's KV engine (engine "kv",
    training/kv_decode.py) on the same prompts (256 prompts of 256 tokens, 1024 new
    tokens, one batch, T = 0.6), after a short warm-up each: generated tokens per
@@ -52,10 +52,11 @@ import transformers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
+from concise_rl.grader import Grader
 from concise_rl.problems import Problem
-from training.embedded import SPECIAL_TOKENS, build_tokenizer
-from training.generation import generate
-from training.precision import LAUNCHER_PRECISION
+from concise_rl.training.embedded import SPECIAL_TOKENS, build_tokenizer
+from concise_rl.training.generation import generate
+from concise_rl.training.precision import LAUNCHER_PRECISION
 
 R1_DISTILL_1_5B = {  # config.json of deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
     "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
@@ -167,7 +168,7 @@ def bench_ppo(model_dir: Path, args, mode: str) -> None:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    from training.trainer import PPOTrainer
+    from concise_rl.training.trainer import PPOTrainer
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available():
         acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])  # DeepSpeed's CPU accelerator
@@ -179,7 +180,7 @@ def bench_ppo(model_dir: Path, args, mode: str) -> None:
     model_cfg = model_cfg.model_copy(update={"name_or_path": str(model_dir)})
     trainer = PPOTrainer(policy_path=str(model_dir), problems=problems, out_dir=model_dir.parent / f"ppo-{mode}",
                          ppo_cfg=ppo, model_cfg=model_cfg, prompt_cfg=prompt, reward_cfg=RewardConfig(),
-                         accelerator=acc)
+                         grader=Grader(), accelerator=acc)
     device = acc.device
     t0 = time.perf_counter()
     trainer.setup()

@@ -1,4 +1,4 @@
-"""Grader speed: responses graded per second by the shared grader (evaluation/grader.py).
+"""Grader speed: responses graded per second by the shared grader (concise_rl/grader.py).
 
 Three workloads, each timed on a fresh worker pool after a warm-up call (so the
 pool is running but no answer of the workload is in a worker's parse cache):
@@ -28,8 +28,8 @@ import json
 import time
 from pathlib import Path
 
+from concise_rl.grader import Grader
 from concise_rl.problems import load_problems
-from evaluation.grader import Grader
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -27,12 +27,12 @@ from concise_rl.config import (
     PromptConfig,
     RewardConfig,
 )
+from concise_rl.grader import Grade
 from concise_rl.synthetic import generate_problems, reasoning_trace
-from evaluation.grader import Grade
-from training.embedded import build_tokenizer
-from training.generation import generate
-from training.models import format_prompt, load_tokenizer
-from training.trainer import PPOTrainer
+from concise_rl.training.embedded import build_tokenizer
+from concise_rl.training.generation import generate
+from concise_rl.training.models import format_prompt, load_tokenizer
+from concise_rl.training.trainer import PPOTrainer
 
 PROBLEMS = generate_problems(8, seed=11, min_level=2, max_level=3)
 MAX_NEW = 48

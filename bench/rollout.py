@@ -1,7 +1,7 @@
 """Rollout speed: the KV engine (training/kv_decode.py) against transformers' generate.
 
 Both engines sample the same chat-formatted prompts from the same model through
-``training.generation.generate`` (the code path of PPO rollouts, curation and
+``concise_rl.training.generation.generate`` (the code path of PPO rollouts, curation and
 evaluation), greedy and at T = 0.6, one untimed warm-up call each and then
 ``--repeats`` timed calls. Prints, per temperature and engine, generated tokens,
 seconds and generated tokens per second as JSON lines, the speed-up, and for
@@ -29,8 +29,8 @@ from transformers import AutoModelForCausalLM
 from bench.throughput import default_model
 from concise_rl.config import PromptConfig
 from concise_rl.synthetic import generate_problems
-from training.generation import generate
-from training.models import format_prompt, load_tokenizer
+from concise_rl.training.generation import generate
+from concise_rl.training.models import format_prompt, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

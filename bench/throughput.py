@@ -45,10 +45,11 @@ from trl import GRPOTrainer
 from bench.mechanism import tiny_random_model
 from concise_rl import paths
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
+from concise_rl.grader import Grader
 from concise_rl.problems import Problem
 from concise_rl.synthetic import generate_problems
-from training.grpo import GRPORun
-from training.trainer import PPOTrainer
+from concise_rl.training.grpo import GRPORun
+from concise_rl.training.trainer import PPOTrainer
 
 TEMPERATURE = 0.6
 KL_COEF = 0.01  # our PPOConfig default; GRPO's beta is set to match, so both run a reference forward
@@ -83,7 +84,7 @@ def summarise(engine: str, rollouts: int, tokens: list[int], rollout_s: list[flo
 
 # ----------------------------------------------------------------- our PPO
 def step_config(prompts: int, samples: int, max_new: int, repeats: int) -> PPOConfig:
-    """One optimiser step per RL step of P x S rollouts; GRPO takes the same settings (training.grpo.grpo_args)."""
+    """One optimiser step per RL step of P x S rollouts; GRPO takes the same settings (concise_rl.training.grpo.grpo_args)."""
     return PPOConfig(
         steps=1 + repeats, prompts_per_step=prompts, samples_per_prompt=samples, mini_batch_size=prompts * samples,
         micro_batch_size=prompts * samples, max_new_tokens=max_new, temperature=TEMPERATURE, kl_coef=KL_COEF,
@@ -96,7 +97,7 @@ def bench_ppo(model: Path, problems: list[Problem], samples: int, max_new: int, 
     cfg = step_config(prompts, samples, max_new, repeats).model_copy(update={"micro_batch_tokens": micro_batch_tokens})
     trainer = PPOTrainer(
         policy_path=str(model), problems=problems, out_dir=work / "ppo", ppo_cfg=cfg, model_cfg=ModelConfig(),
-        prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(),
+        prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), grader=Grader(),
     )
     trainer.setup()
     tokens, rollout_s, update_s = [], [], []
@@ -147,12 +148,12 @@ class _TimedGRPOTrainer(GRPOTrainer):
 
 
 def bench_grpo(model: Path, problems: list[Problem], samples: int, max_new: int, repeats: int, work: Path) -> Result:
-    """TRL's GRPOTrainer (its default loss, dapo) set up as training.grpo sets it up for `concise-rl ablate`."""
+    """TRL's GRPOTrainer (its default loss, dapo) set up as concise_rl.training.grpo sets it up for `concise-rl ablate`."""
     prompts = len(problems)
     run = GRPORun(
         policy_path=str(model), problems=problems, out_dir=work / "grpo",
         ppo_cfg=step_config(prompts, samples, max_new, repeats), loss_type="dapo", model_cfg=ModelConfig(),
-        prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), device=torch.device("cpu"),
+        prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), grader=Grader(), device=torch.device("cpu"),
     )
     timer = _StepTimer()
     trainer = run.build(_TimedGRPOTrainer, callbacks=[timer])

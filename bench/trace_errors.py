@@ -122,8 +122,8 @@ def compare(rows: dict[str, dict], base: dict[str, dict], questions: dict[str, l
 
 
 def questions_of(config: str | None, set_name: str) -> dict[str, list[Step]]:
-    # Imported here: tasks.stages loads MLflow and torch, which --help and bad arguments do not need.
-    from tasks.stages import evaluation_sets
+    # Imported here: concise_rl.tasks.stages loads MLflow and torch, which --help and bad arguments do not need.
+    from concise_rl.tasks.stages import evaluation_sets
 
     sets = evaluation_sets(load_config(config))
     if set_name not in sets:

@@ -215,7 +215,7 @@ def _setup_environment() -> None:
 
 def _alias_uri(cfg, alias: str, hint: str = "run the stage that creates it first (concise-rl run, or "
                "curate/train in order) or pass --model") -> dict[str, str]:
-    from tasks import tracking
+    from concise_rl.tasks import tracking
 
     client = tracking.setup(cfg)
     version = tracking.version_by_alias(client, cfg.registry.model_name, alias)
@@ -225,7 +225,7 @@ def _alias_uri(cfg, alias: str, hint: str = "run the stage that creates it first
 
 
 def _resolve(cfg, uri: str, option: str = "--model") -> dict[str, str]:
-    from tasks.model_uri import resolve_model
+    from concise_rl.tasks.model_uri import resolve_model
 
     return resolve_model(cfg, uri, what=f"{option} {uri}")
 
@@ -241,7 +241,7 @@ def _latest_curation(hint: str = "run `concise-rl curate` first or pass --proble
 
 def _cmd_run(args, cfg) -> int:
     from concise_rl import console
-    from flows.pipeline import pipeline
+    from concise_rl.flows.pipeline import pipeline
 
     # Taken here too (the flow takes it again, re-entrantly), so a second run stops
     # before it starts Prefect's temporary server.
@@ -252,7 +252,7 @@ def _cmd_run(args, cfg) -> int:
 
 
 def _gate_exit(summary: dict) -> int:
-    from tasks.stages import gate_failures
+    from concise_rl.tasks.stages import gate_failures
 
     if summary["promoted"]:
         return 0
@@ -273,7 +273,7 @@ def _cmd_curate(args, cfg) -> int:
 
 
 def _curate(args, cfg) -> int:
-    from tasks import stages
+    from concise_rl.tasks import stages
 
     model = _resolve(cfg, args.model) if args.model else stages.prepare_base(cfg)
     out = stages.curate(cfg, model["uri"])
@@ -282,7 +282,7 @@ def _curate(args, cfg) -> int:
 
 
 def _cmd_train(args, cfg) -> int:
-    from tasks import stages
+    from concise_rl.tasks import stages
 
     phase = f"phase{args.phase}"
     default_alias = "base" if args.phase == 1 else ("phase1" if cfg.phase1.enabled else "base")
@@ -309,9 +309,9 @@ def _with_evaluation_options(cfg, args):
     """The config with the evaluation overridden by --benchmarks/--temperatures/--samples/--limit."""
     from pydantic import ValidationError
 
+    from concise_rl.benchmarks import BENCHMARKS, parse_benchmarks
     from concise_rl.config import DataSource, PipelineConfig
     from concise_rl.errors import ConfigError
-    from evaluation.benchmarks import BENCHMARKS, parse_benchmarks
 
     ev = cfg.evaluation.model_dump()
     if args.benchmarks:
@@ -360,7 +360,7 @@ def _labelled_models(cfg, items: list[str]) -> dict[str, dict[str, str]]:
 
 def _cmd_evaluate(args, cfg) -> int:
     from concise_rl import console
-    from tasks import stages
+    from concise_rl.tasks import stages
 
     cfg = _with_evaluation_options(cfg, args)
     if args.model:
@@ -374,8 +374,8 @@ def _cmd_evaluate(args, cfg) -> int:
 
 def _cmd_compare(args, cfg) -> int:
     from concise_rl import console
-    from evaluation.gate import evaluate_gate
-    from tasks import stages
+    from concise_rl.evaluation.gate import evaluate_gate
+    from concise_rl.tasks import stages
 
     cfg = _with_evaluation_options(cfg, args)
     models = {"A": _resolve(cfg, args.baseline, option="A"), "B": _resolve(cfg, args.candidate, option="B")}
@@ -387,7 +387,7 @@ def _cmd_compare(args, cfg) -> int:
 
 def _cmd_promote(args, cfg) -> int:
     from concise_rl import console
-    from tasks import stages
+    from concise_rl.tasks import stages
 
     parent_alias = "phase1" if cfg.phase1.enabled else "base"
     models = {"base": _alias_uri(cfg, "base"), "phase2": _alias_uri(cfg, "candidate")}
@@ -408,7 +408,7 @@ def _cmd_ablate(args, cfg) -> int:
     start_alias = "phase1" if cfg.phase1.enabled else "base"
     start = (_resolve(cfg, args.start, option="--start") if args.start
              else _alias_uri(cfg, start_alias, hint=f"the ablation starts from it; {first}, or pass --start"))
-    from tasks.ablate import run_ablation
+    from concise_rl.tasks.ablate import run_ablation
 
     report = run_ablation(
         cfg, start=start, curation_dir=curation, variants=args.variants or default_variants(args.bands or DEFAULT_BANDS),
@@ -420,8 +420,8 @@ def _cmd_ablate(args, cfg) -> int:
 
 def _cmd_grade(args, cfg) -> int:
     from concise_rl import console
-    from evaluation.grade_file import grade_file
-    from evaluation.grader import Grader
+    from concise_rl.evaluation.grade_file import grade_file
+    from concise_rl.grader import Grader
 
     workers = cfg.grader.workers if args.workers is None else args.workers
     timeout = cfg.grader.timeout_s if args.timeout is None else args.timeout
@@ -445,7 +445,7 @@ def _add_models_parser(sub) -> None:
 def _cmd_models(args, cfg) -> int:
     import json
 
-    from tasks import tracking
+    from concise_rl.tasks import tracking
 
     rows = tracking.describe_versions(cfg)
     if args.json:
@@ -535,10 +535,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def command() -> int:
         cfg = load_config(args.config, args.overrides)
-        if args.command != "grade":
-            from evaluation import grader
-
-            grader.configure(cfg.grader.workers, cfg.grader.timeout_s)
         return COMMANDS[args.command](args, cfg)
 
     return _run_reporting(args.command, failures, command)

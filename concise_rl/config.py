@@ -140,7 +140,7 @@ class DataSource(_Strict):
         if self.kind == "hf" and not self.name:
             raise ValueError("kind 'hf' needs 'name' (a Hugging Face dataset id)")
         if self.kind == "benchmark":
-            from evaluation.benchmarks import BENCHMARKS
+            from concise_rl.benchmarks import BENCHMARKS
 
             if self.name not in BENCHMARKS:
                 raise ValueError(

@@ -16,12 +16,12 @@ from rich.table import Table
 from concise_rl import paths
 
 if TYPE_CHECKING:
-    from evaluation.grade_file import GradeReport
+    from concise_rl.evaluation.grade_file import GradeReport
 
 
 def models_table(title: str, summary: dict) -> Console:
     """One row per model, set and temperature (as in the summary); returns the console to print more under it."""
-    from tasks.publish import SUMMARY_HEADER, summary_rows
+    from concise_rl.tasks.publish import SUMMARY_HEADER, summary_rows
 
     console = Console()
     table = Table(title=title)
@@ -50,7 +50,7 @@ def print_evaluation(title: str, results: dict[str, dict]) -> None:
 
 def print_comparison(results: dict[str, dict], verdict: dict, baseline: str, candidate: str) -> None:
     """`compare`: both models' figures, then the gate's verdict for B against A, criterion by criterion."""
-    from evaluation.report import gate_table
+    from concise_rl.evaluation.report import gate_table
 
     models_table("compare: A (baseline) and B (candidate)", {"models": results, "length_reduction_pct": {}})
     print(f"gate for B ({candidate}) against A ({baseline}): {'PASSED' if verdict['passed'] else 'FAILED'}")

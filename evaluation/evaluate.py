@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from concise_rl.config import EvalConfig, PromptConfig
+from concise_rl.evaluation.metrics import summarise
+from concise_rl.grader import Grader
 from concise_rl.problems import Problem
-from evaluation.grader import grade_many
-from evaluation.metrics import summarise
-from training.generation import check_prompt_lengths, generate
-from training.models import format_prompt
+from concise_rl.training.generation import check_prompt_lengths, generate
+from concise_rl.training.models import format_prompt
 
 
 def temp_key(temperature: float) -> str:
@@ -18,8 +18,8 @@ def temp_key(temperature: float) -> str:
 
 
 def evaluate_model(
-    model, tokenizer, sets: dict[str, list[Problem]], cfg: EvalConfig, prompt: PromptConfig, *, seed: int = 0,
-    engine: str = "auto",
+    model, tokenizer, sets: dict[str, list[Problem]], cfg: EvalConfig, prompt: PromptConfig, grader: Grader, *,
+    seed: int = 0, engine: str = "auto",
 ) -> tuple[dict[str, dict[str, dict]], list[dict]]:
     """Accuracy and length per set and temperature, and every graded response.
 
@@ -56,7 +56,7 @@ def evaluate_model(
                 engine=engine,
             )
             answers = [p.answer for p in problems for _ in range(k)]
-            grades = grade_many(gen.texts, answers)
+            grades = grader.grade_many(gen.texts, answers)
             lengths = gen.lengths.numpy()
             correct = np.array([g.correct for g in grades])
             summary[name][temp_key(t)] = summarise(

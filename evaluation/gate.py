@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from concise_rl.config import GateConfig
-from evaluation.metrics import paired_difference
+from concise_rl.evaluation.metrics import paired_difference
 
 # Figures exactly at a threshold pass: 1 - 80/100 is 0.19999999999999996 in floats.
 _EPS = 1e-9

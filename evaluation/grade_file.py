@@ -1,4 +1,4 @@
-"""``concise-rl grade``: grade a JSONL file of responses with the shared grader.
+"""``concise-rl grade``: grade a JSONL file of responses with the answer grader.
 
 Each row gains ``correct`` (bool), ``extracted`` (the boxed answer, or null) and
 ``reason``. A row whose response field holds a list of responses (several samples
@@ -13,14 +13,15 @@ never leaves half a file under the output name.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from concise_rl.errors import ProblemLoadError
 from concise_rl.files import atomic_file
+from concise_rl.grader import Grader
 from concise_rl.problems import read_rows
-from evaluation.grader import Grader, default_grader
 
 
 class GradeInputError(ProblemLoadError):
@@ -80,7 +81,7 @@ def grade_file(
     response_field: str = "response",
     answer_field: str = "answer",
     label_field: str | None = None,
-    grader: Grader | None = None,
+    grader: Grader,
     progress: bool = True,
 ) -> GradeReport:
     """Grade every response in ``in_path`` and write the rows with their grades to ``out_path``."""
@@ -117,7 +118,7 @@ def grade_file(
         flat_answers += [str(answer)] * len(responses)
     if not rows:
         raise GradeInputError(f"{in_path}: no rows to grade (the file is empty)")
-    grades = (grader or default_grader()).grade_many(flat_responses, flat_answers, desc="grading" if progress else None)
+    grades = grader.grade_many(flat_responses, flat_answers, desc="grading" if progress else None)
     report = GradeReport(rows=len(rows), responses=len(grades), correct=sum(g.correct for g in grades))
     with atomic_file(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for row, (location, start, n, is_list, labels) in zip(rows, spans):

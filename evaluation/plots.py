@@ -7,7 +7,7 @@ from pathlib import Path
 
 import matplotlib
 
-from evaluation.gate import length_reduction_pct
+from concise_rl.evaluation.gate import length_reduction_pct
 
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import matplotlib
 
-from evaluation.metrics import macro_average
-from evaluation.plots import save_figure
+from concise_rl.evaluation.metrics import macro_average
+from concise_rl.evaluation.plots import save_figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

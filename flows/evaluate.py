@@ -13,9 +13,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from concise_rl.config import load_config
-from evaluation import grader
-from tasks import stages
-from tasks.model_uri import resolve_model
+from concise_rl.tasks import stages
+from concise_rl.tasks.model_uri import resolve_model
 
 evaluate = task(stages.evaluate, name="evaluate", retries=1, cache_policy=NO_CACHE)
 
@@ -32,7 +31,6 @@ def evaluate_models(models: dict[str, str], config_path: str | None = None, over
     if not models:
         raise ValueError('models: give at least one {label: uri}, e.g. {"champion": "models:/NAME@champion"}')
     cfg = load_config(config_path, overrides or [])
-    grader.configure(cfg.grader.workers, cfg.grader.timeout_s)
     with stages.run_tags(git_sha=git_sha):
         results = evaluate(cfg, resolve_models(cfg, models))
     return {label: {"version": r["version"], "uri": r["uri"], "eval": r["eval"], "report": r["report"]}

@@ -22,8 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from concise_rl.config import load_config
 from concise_rl.errors import TrainingGuardError
 from concise_rl.locking import registry_lock
-from evaluation import grader
-from tasks import stages
+from concise_rl.tasks import stages
 
 # Stages keep their own idempotency (registry tags, folders keyed by inputs), so
 # Prefect's input caching is off: it would hash whole configs for nothing.
@@ -44,7 +43,6 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
     ``git_sha``: the commit that triggered this run (CI passes ``$GITHUB_SHA``).
     """
     cfg = load_config(config_path, overrides or [])
-    grader.configure(cfg.grader.workers, cfg.grader.timeout_s)
     with registry_lock(cfg.registry.model_name, f"pipeline flow ({config_path or 'built-in defaults'})"), \
             stages.run_tags(git_sha=git_sha):
         return _stages(cfg)

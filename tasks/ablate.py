@@ -41,17 +41,18 @@ from concise_rl import paths
 from concise_rl.ablation import Variant
 from concise_rl.config import Band, PipelineConfig, PPOConfig, stable_hash
 from concise_rl.errors import CurationError, TrainingGuardError
+from concise_rl.evaluation import plots
+from concise_rl.evaluation.evaluate import evaluate_model, temp_key
+from concise_rl.evaluation.gate import length_reduction_pct
 from concise_rl.files import atomic_write_json, read_jsonl
+from concise_rl.grader import Grader
 from concise_rl.problems import Problem, load_problems, problems_hash, save_problems
-from evaluation import plots
-from evaluation.evaluate import evaluate_model, temp_key
-from evaluation.gate import length_reduction_pct
-from tasks import tracking
-from tasks.model_uri import local_model_dir
-from tasks.stages import device, load_source
-from training.grpo import GRPORun
-from training.models import load_policy, load_tokenizer
-from training.trainer import PPOTrainer
+from concise_rl.tasks import tracking
+from concise_rl.tasks.model_uri import local_model_dir
+from concise_rl.tasks.stages import device, load_source
+from concise_rl.training.grpo import GRPORun
+from concise_rl.training.models import load_policy, load_tokenizer
+from concise_rl.training.trainer import PPOTrainer
 
 log = logging.getLogger(__name__)
 
@@ -224,15 +225,18 @@ def _train(cfg: PipelineConfig, variant: Variant, settings: PPOConfig, problems:
         tracking.log_metrics({f"{variant.name}.{k}": metrics[k] for k in _STEP_METRICS if k in metrics}, step=step)
 
     dev = device(cfg)
-    if variant.kind == "grpo":
-        return GRPORun(
-            policy_path=start_dir, problems=problems, out_dir=train_dir, ppo_cfg=settings, loss_type=variant.loss_type,
-            model_cfg=cfg.model, prompt_cfg=cfg.prompt, reward_cfg=cfg.reward, device=dev, on_step=on_step,
+    with Grader.from_config(cfg.grader) as grader:
+        if variant.kind == "grpo":
+            return GRPORun(
+                policy_path=start_dir, problems=problems, out_dir=train_dir, ppo_cfg=settings,
+                loss_type=variant.loss_type, model_cfg=cfg.model, prompt_cfg=cfg.prompt, reward_cfg=cfg.reward,
+                grader=grader, device=dev, on_step=on_step,
+            ).train()
+        return PPOTrainer(
+            policy_path=start_dir, problems=problems, out_dir=train_dir, ppo_cfg=settings, model_cfg=cfg.model,
+            prompt_cfg=cfg.prompt, reward_cfg=cfg.reward, grader=grader, on_step=on_step,
+            accelerator=Accelerator(cpu=dev.type == "cpu"),
         ).train()
-    return PPOTrainer(
-        policy_path=start_dir, problems=problems, out_dir=train_dir, ppo_cfg=settings, model_cfg=cfg.model,
-        prompt_cfg=cfg.prompt, reward_cfg=cfg.reward, on_step=on_step, accelerator=Accelerator(cpu=dev.type == "cpu"),
-    ).train()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -240,8 +244,9 @@ def _evaluate(cfg: PipelineConfig, model_dir: str | Path, heldout: list[Problem]
     """{temperature: metrics} on the held-out set; every graded response goes to out/responses.jsonl."""
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=cfg.model.trust_remote_code, prompt=cfg.prompt)
     model = load_policy(str(model_dir), cfg.model, device=device(cfg))
-    summary, records = evaluate_model(model, tokenizer, {"heldout": heldout}, cfg.evaluation, cfg.prompt, seed=cfg.seed,
-                                      engine=cfg.model.generation_engine)
+    with Grader.from_config(cfg.grader) as grader:
+        summary, records = evaluate_model(model, tokenizer, {"heldout": heldout}, cfg.evaluation, cfg.prompt, grader,
+                                          seed=cfg.seed, engine=cfg.model.generation_engine)
     del model
     gc.collect()
     out.mkdir(parents=True, exist_ok=True)

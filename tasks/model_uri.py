@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from concise_rl import paths
 from concise_rl import store as artifact_store
 from concise_rl.config import PipelineConfig
-from tasks import tracking
+from concise_rl.tasks import tracking
 
 
 def resolve_model(cfg: PipelineConfig, uri: str, what: str | None = None) -> dict[str, str]:
@@ -58,7 +58,7 @@ def resolve_model(cfg: PipelineConfig, uri: str, what: str | None = None) -> dic
 def local_model_dir(cfg: PipelineConfig, uri: str) -> str:
     """A local folder holding the model ``uri`` names (any form :func:`resolve_model` accepts).
 
-    A registered version comes through MLflow (:func:`tasks.tracking.resolve_model_uri`).
+    A registered version comes through MLflow (:func:`concise_rl.tasks.tracking.resolve_model_uri`).
     An ``s3://`` URI must be a folder committed with its manifest; it is downloaded once
     into ``<home>/downloads/``, every file checked against the manifest. Local paths
     pass through.

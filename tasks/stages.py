@@ -24,25 +24,26 @@ from accelerate.state import AcceleratorState
 
 from concise_rl import paths
 from concise_rl import store as artifact_store
+from concise_rl.benchmarks import load_benchmark
 from concise_rl.config import DataSource, PipelineConfig, PPOConfig, stable_hash
 from concise_rl.errors import TrainingGuardError
+from concise_rl.evaluation import plots
+from concise_rl.evaluation.evaluate import evaluate_model
+from concise_rl.evaluation.gate import evaluate_gate, length_reductions
+from concise_rl.evaluation.metrics import macro_average
+from concise_rl.evaluation.report import write_report
 from concise_rl.files import atomic_write_json, point_latest, read_jsonl, read_latest, replaced_dir
+from concise_rl.grader import Grader
 from concise_rl.mirror import CheckpointMirror, finish_uploads
 from concise_rl.problems import Problem, load_hf_dataset, load_problems, problems_hash, save_problems
 from concise_rl.synthetic import generate_problems
-from evaluation import plots
-from evaluation.benchmarks import load_benchmark
-from evaluation.evaluate import evaluate_model
-from evaluation.gate import evaluate_gate, length_reductions
-from evaluation.metrics import macro_average
-from evaluation.report import write_report
-from tasks import publish, tracking
-from tasks.model_uri import local_model_dir
-from training import curation as curation_lib
-from training.embedded import build_embedded_model
-from training.guards import STOP_FILE, read_stop
-from training.models import check_model_path, embedded_dir, is_embedded, load_policy, load_tokenizer
-from training.trainer import PPOTrainer
+from concise_rl.tasks import publish, tracking
+from concise_rl.tasks.model_uri import local_model_dir
+from concise_rl.training import curation as curation_lib
+from concise_rl.training.embedded import build_embedded_model
+from concise_rl.training.guards import STOP_FILE, read_stop
+from concise_rl.training.models import check_model_path, embedded_dir, is_embedded, load_policy, load_tokenizer
+from concise_rl.training.trainer import PPOTrainer
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +176,11 @@ def curate(cfg: PipelineConfig, model_uri: str) -> str:
         tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, prompt=cfg.prompt)
         model = load_policy(model_dir, cfg.model, device=device(cfg))
         torch.manual_seed(cfg.seed)
-        rates = curation_lib.measure_pass_rates(
-            model, tokenizer, candidates, cfg.curation, cfg.prompt, cfg.reward, engine=cfg.model.generation_engine
-        )
+        with Grader.from_config(cfg.grader) as grader:
+            rates = curation_lib.measure_pass_rates(
+                model, tokenizer, candidates, cfg.curation, cfg.prompt, cfg.reward, grader,
+                engine=cfg.model.generation_engine,
+            )
         phase1, phase2 = curation_lib.select_sets(candidates, rates, cfg.curation, cfg.seed)
         with replaced_dir(out) as tmp:
             save_problems(phase1, tmp / "phase1.jsonl")
@@ -239,6 +242,7 @@ def train_phase(
         tracking.setup(cfg)
         policy_path = local_model_dir(cfg, model_uri)
     mirror: list[CheckpointMirror] = []  # set below, once the run key is known
+    grader = Grader.from_config(cfg.grader)  # its worker pool starts on the first answer and stops with the phase
     trainer = PPOTrainer(
         policy_path=policy_path,
         problems=problems,
@@ -247,6 +251,7 @@ def train_phase(
         model_cfg=cfg.model,
         prompt_cfg=cfg.prompt,
         reward_cfg=cfg.reward,
+        grader=grader,
         on_step=step_metrics if acc.is_main_process else None,
         accelerator=acc,
         start_key=model_uri,
@@ -272,6 +277,7 @@ def train_phase(
             final = trainer.train()
         failed = False
     finally:
+        grader.close()
         finish_uploads(mirror, training_failed=failed)
     return str(final)
 
@@ -393,7 +399,7 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
                        "sets": {k: problems_hash(v) for k, v in sets.items()}, "seed": cfg.seed})
     results: dict[str, dict] = {}
     folders: dict[str, Path] = {}
-    with _stage_run(cfg, "evaluate"):
+    with _stage_run(cfg, "evaluate"), Grader.from_config(cfg.grader) as grader:
         for label, info in models.items():
             out = folders[label] = _evaluation_dir(cfg, info, key)
             summary_file = out / "summary.json"
@@ -402,7 +408,7 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
                 tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, prompt=cfg.prompt)
                 model = load_policy(model_dir, cfg.model, device=device(cfg))
                 summary, records = evaluate_model(
-                    model, tokenizer, sets, cfg.evaluation, cfg.prompt, seed=cfg.seed,
+                    model, tokenizer, sets, cfg.evaluation, cfg.prompt, grader, seed=cfg.seed,
                     engine=cfg.model.generation_engine,
                 )
                 out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ import torch
 
 from bench.mechanism import tiny_random_model
 from concise_rl.config import PromptConfig
-from training.models import format_prompt, load_tokenizer
+from concise_rl.grader import Grader
+from concise_rl.training.models import format_prompt, load_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +20,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tiny_random_model(tmp_path_factory.mktemp("tiny-model"))
     assert format_prompt("x", load_tokenizer(str(out)), PromptConfig()).endswith("<|im_start|>assistant\n")
     return out
+
+
+@pytest.fixture(scope="session")
+def grader():
+    """One answer grader for the session's tests (two workers). Its timeout is generous: a
+    verdict must not depend on how busy the machine is; the timeout tests use their own."""
+    with Grader(workers=2, timeout_s=60.0) as g:
+        yield g
 
 
 @pytest.fixture(scope="session")

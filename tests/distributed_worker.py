@@ -30,14 +30,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-
 from safetensors.torch import load_file
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
+from concise_rl.grader import Grader
 from concise_rl.synthetic import generate_problems
-from training.distributed import shard_indices, zero_stage
-from training.precision import DTYPES
-from training.trainer import PPOTrainer, split_micro_batches
+from concise_rl.training.distributed import shard_indices, zero_stage
+from concise_rl.training.precision import DTYPES
+from concise_rl.training.trainer import PPOTrainer, split_micro_batches
 
 # Prompts of 114-138 tokens, so the processes' shards have different prompt widths.
 PROBLEMS = generate_problems(6, seed=5, min_level=1, max_level=8)
@@ -111,7 +111,7 @@ def make(acc: Accelerator, model: Path, out: Path, settings: dict | None = None,
     return RecordingTrainer(
         policy_path=str(model), problems=PROBLEMS, out_dir=out, ppo_cfg=PPOConfig(**SETTINGS | (settings or {})),
         model_cfg=ModelConfig(dtype=model_dtype(acc)), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(),
-        keep_checkpoints=3, accelerator=acc, **kwargs,
+        grader=Grader(workers=0), keep_checkpoints=3, accelerator=acc, **kwargs,
     )
 
 

@@ -9,7 +9,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from evaluation.grader import verify_extracted
+from concise_rl.grader import verify_extracted
 
 
 def crash_once(extracted: str, reference: str, timeout_s):

@@ -25,8 +25,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from concise_rl.config import PromptConfig
 from concise_rl.synthetic import generate_problems, reasoning_trace
-from training.embedded import build_tokenizer, check_reload, prompt_masked_examples
-from training.models import format_prompt
+from concise_rl.training.embedded import build_tokenizer, check_reload, prompt_masked_examples
+from concise_rl.training.models import format_prompt
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOKENIZERS = SHARED / "tokenizers"

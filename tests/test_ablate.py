@@ -23,7 +23,7 @@ from bench.mechanism import tiny_random_model
 from concise_rl.ablation import DEFAULT_BANDS, Variant, default_variants, parse_bands, parse_variants
 from concise_rl.config import PromptConfig
 from concise_rl.synthetic import generate_problems
-from training.models import format_prompt, load_tokenizer
+from concise_rl.training.models import format_prompt, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_bad_bands_are_refused(text):
 
 # --------------------------------------------------------------------------- the table
 def test_table_compares_each_variant_with_the_start_model():
-    from tasks.ablate import table
+    from concise_rl.tasks.ablate import table
 
     def m(acc, lo, hi, length):
         return {"accuracy": acc, "accuracy_ci": [lo, hi], "mean_length": length}

@@ -18,7 +18,7 @@ needs_data = pytest.mark.skipif(
 
 @needs_data
 def test_verify_workload_cannot_be_decided_by_text_matching():
-    from evaluation.grader import quick_grade
+    from concise_rl.grader import quick_grade
 
     responses, references = verify_workload(DEFAULT_DATA, limit=40)
     assert all(quick_grade(r, a)[0] is None for r, a in zip(responses, references))

@@ -1,4 +1,4 @@
-"""Benchmarks by name (evaluation/benchmarks.py) and the prompt styles of the model families."""
+"""Benchmarks by name (concise_rl/benchmarks.py) and the prompt styles of the model families."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from concise_rl.benchmarks import BENCHMARK_DIR_ENV, BENCHMARKS, CHOICE_INSTRUCTION, load_benchmark, parse_benchmarks
 from concise_rl.config import DataSource, PromptConfig
 from concise_rl.errors import ProblemLoadError
-from evaluation.benchmarks import BENCHMARK_DIR_ENV, BENCHMARKS, CHOICE_INSTRUCTION, load_benchmark, parse_benchmarks
-from evaluation.grader import grade
-from training.models import format_prompt, load_tokenizer
+from concise_rl.training.models import format_prompt, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BENCH = SHARED / "benchmarks"
@@ -67,13 +66,13 @@ def test_unknown_names_are_refused_with_the_known_ones():
 
 
 @needs_data
-def test_mmlu_stem_is_multiple_choice_with_the_letter_in_a_box():
+def test_mmlu_stem_is_multiple_choice_with_the_letter_in_a_box(grader):
     p = load_benchmark("mmlu_stem", data_dir=BENCH, limit=1)[0]
     assert p.prompt.endswith(CHOICE_INSTRUCTION) and "\nC. reduce the carrying capacity" in p.prompt
-    assert grade("The answer is \\boxed{C}.", p.answer).correct
-    assert grade("\\boxed{(C)}", p.answer).correct and grade("\\boxed{c}", p.answer).correct
-    assert not grade("\\boxed{B}", p.answer).correct
-    assert grade("\\boxed{B}", p.answer).reason == "different choice"
+    assert grader.grade("The answer is \\boxed{C}.", p.answer).correct
+    assert grader.grade("\\boxed{(C)}", p.answer).correct and grader.grade("\\boxed{c}", p.answer).correct
+    assert not grader.grade("\\boxed{B}", p.answer).correct
+    assert grader.grade("\\boxed{B}", p.answer).reason == "different choice"
 
 
 @needs_data

@@ -93,7 +93,7 @@ def test_bad_config_exits_2_quickly_and_before_heavy_work(tmp_path):
             sys.executable,
             "-c",
             "import atexit, runpy, sys\n"
-            "atexit.register(lambda: print('loaded:', sorted(m for m in ('prefect', 'mlflow', 'flows.pipeline') "
+            "atexit.register(lambda: print('loaded:', sorted(m for m in ('prefect', 'mlflow', 'concise_rl.flows.pipeline') "
             "if m in sys.modules)))\n"
             "sys.argv = ['concise-rl', 'run', '--config', sys.argv[1], '--set', 'ppo.lamda=1']\n"
             "runpy.run_module('concise_rl.cli', run_name='__main__', alter_sys=True)\n",

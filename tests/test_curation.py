@@ -11,8 +11,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from concise_rl.config import Band, CurationConfig, PromptConfig, RewardConfig
 from concise_rl.problems import Problem
 from concise_rl.synthetic import generate_problems, reasoning_trace
-from training.curation import CurationError, PassRate, measure_pass_rates, select_sets
-from training.embedded import build_tokenizer
+from concise_rl.training.curation import CurationError, PassRate, measure_pass_rates, select_sets
+from concise_rl.training.embedded import build_tokenizer
 
 K = 8
 
@@ -156,12 +156,12 @@ def tiny_model():
     return model, tok
 
 
-def test_measure_pass_rates_on_a_tiny_model(tiny_model):
+def test_measure_pass_rates_on_a_tiny_model(tiny_model, grader):
     model, tok = tiny_model
     problems = generate_problems(3, seed=9, min_level=1, max_level=3, split="heldout")
     c = CurationConfig(samples_per_problem=4, temperature=1.0, max_new_tokens=6, batch_size=5)
     torch.manual_seed(1)
-    rates = measure_pass_rates(model, tok, problems, c, PromptConfig(max_prompt_tokens=512), RewardConfig())
+    rates = measure_pass_rates(model, tok, problems, c, PromptConfig(max_prompt_tokens=512), RewardConfig(), grader)
     assert len(rates) == len(problems)
     assert [r.problem_id for r in rates] == [p.id for p in problems]
     assert [r.level for r in rates] == [p.metadata["level"] for p in problems]
@@ -175,12 +175,12 @@ def test_measure_pass_rates_on_a_tiny_model(tiny_model):
     assert sum(r.correct for r in rates) == 0
 
 
-def test_measure_pass_rates_greedy_is_deterministic(tiny_model):
+def test_measure_pass_rates_greedy_is_deterministic(tiny_model, grader):
     model, tok = tiny_model
     problems = generate_problems(2, seed=9, min_level=2, max_level=2, split="heldout")
     c = CurationConfig(samples_per_problem=3, temperature=0.0, max_new_tokens=5, batch_size=4)
-    a = measure_pass_rates(model, tok, problems, c, PromptConfig(max_prompt_tokens=512), RewardConfig())
-    b = measure_pass_rates(model, tok, problems, c, PromptConfig(max_prompt_tokens=512), RewardConfig())
+    a = measure_pass_rates(model, tok, problems, c, PromptConfig(max_prompt_tokens=512), RewardConfig(), grader)
+    b = measure_pass_rates(model, tok, problems, c, PromptConfig(max_prompt_tokens=512), RewardConfig(), grader)
     assert a == b
     # Greedy decoding gives the same response to every copy of a prompt, so the mean is one length.
     for r in a:

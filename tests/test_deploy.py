@@ -60,8 +60,8 @@ def test_ci_workflow_runs_the_retrain_command_on_config_changes() -> None:
 
 
 def test_pipeline_flows_take_git_sha() -> None:
-    from flows.evaluate import evaluate_models
-    from flows.pipeline import pipeline
+    from concise_rl.flows.evaluate import evaluate_models
+    from concise_rl.flows.pipeline import pipeline
 
     assert "git_sha" in pipeline.parameters.properties
     assert {"models", "config_path", "git_sha"} <= set(evaluate_models.parameters.properties)

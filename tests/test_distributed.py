@@ -27,10 +27,11 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
+from concise_rl.grader import Grader
 from concise_rl.problems import save_problems
-from training import ppo
-from training.experience import Rollout, Scored, experience
-from training.trainer import PPOTrainer
+from concise_rl.training import ppo
+from concise_rl.training.experience import Rollout, Scored, experience
+from concise_rl.training.trainer import PPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,7 +196,7 @@ def float32_paper_lr_moved(tiny_model_dir: Path, tmp_path_factory) -> dict[str, 
     PPOTrainer(
         policy_path=str(tiny_model_dir), problems=PROBLEMS, out_dir=out,
         ppo_cfg=PPOConfig(**SETTINGS | PAPER_LR | {"warmup_ratio": 0.0}),
-        model_cfg=ModelConfig(), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(),
+        model_cfg=ModelConfig(), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), grader=Grader(workers=0),
     ).train()
     start = load_file(str(tiny_model_dir / "model.safetensors"))
     ckpt = out / "checkpoints" / f"step-{SETTINGS['steps']:06d}"
@@ -230,7 +231,7 @@ def test_two_processes_make_the_update_one_process_makes_on_the_same_rollouts(
     step0 = [torch.load(out / f"rank{r}-step0.pt", weights_only=False) for r in (0, 1)]
     single = PPOTrainer(
         policy_path=str(tiny_model_dir), problems=PROBLEMS, out_dir=tmp_path, ppo_cfg=PPOConfig(**SETTINGS),
-        model_cfg=ModelConfig(), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(),
+        model_cfg=ModelConfig(), prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), grader=Grader(workers=0),
     )
     assert single.world == 1
     single.setup()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from concise_rl.config import GateConfig
-from evaluation.gate import evaluate_gate, length_reduction_pct, length_reductions
-from evaluation.metrics import bootstrap_ci, ids_hash, macro_average, paired_difference, pass_at_1, summarise
+from concise_rl.evaluation.gate import evaluate_gate, length_reduction_pct, length_reductions
+from concise_rl.evaluation.metrics import bootstrap_ci, ids_hash, macro_average, paired_difference, pass_at_1, summarise
 
 GATE = GateConfig(max_accuracy_drop=0.02, min_length_reduction_pct=20.0)
 N = 400

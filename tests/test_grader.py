@@ -1,7 +1,8 @@
-"""The shared grader (evaluation/grader.py): agreement, pathological answers, faults, `concise-rl grade`."""
+"""The shared grader (concise_rl/grader.py): agreement, pathological answers, faults, `concise-rl grade`."""
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -10,25 +11,18 @@ from pathlib import Path
 import pytest
 
 from concise_rl.cli import EXIT_BAD_INPUT, main
-from concise_rl.config import RewardConfig
-from evaluation.grade_file import GradeInputError, grade_file
-from evaluation.grader import MAX_ANSWER_CHARS, Grader, grade
-from training.reward import score_responses
+from concise_rl.config import GraderConfig, RewardConfig
+from concise_rl.evaluation.grade_file import GradeInputError, grade_file
+from concise_rl.grader import MAX_ANSWER_CHARS, Grader
+from concise_rl.training.reward import score_responses
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GRADER_DEV = SHARED / "grader" / "math_cot_50_dev.jsonl"
 needs_dev = pytest.mark.skipif(not GRADER_DEV.is_file(), reason=f"shared grader data not found at {GRADER_DEV}")
 
+# The timeout tests' limit; verdicts come from conftest's `grader`, whose limit is 60 s so that a
+# sympy comparison that takes over 2 s on a busy 2-core machine is not graded wrong.
 TIMEOUT_S = 2.0
-# Verdicts must not depend on the machine's load: a sympy comparison that takes over 2 s on a
-# busy 2-core machine would otherwise be graded wrong. The timeout tests use TIMEOUT_S.
-VERDICT_TIMEOUT_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def grader():
-    with Grader(workers=2, timeout_s=VERDICT_TIMEOUT_S) as g:
-        yield g
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +137,7 @@ def test_model_output_is_never_executed(grader, tmp_path):
         f"\\boxed{{eval(\"open('{target}', 'w')\")}}",
     ]
     grades = grader.grade_many(payloads, ["5"] * len(payloads))
-    _, rewards = score_responses(payloads, ["5"] * len(payloads), RewardConfig())
+    _, rewards = score_responses(payloads, ["5"] * len(payloads), RewardConfig(), grader)
     assert [g.correct for g in grades] == [False] * 3 and rewards == [-0.5] * 3
     assert not target.exists()
 
@@ -231,8 +225,21 @@ def test_in_process_grading_needs_no_pool():
         assert g._pool is None
 
 
-def test_default_grade_function_matches_the_pool():
-    assert grade("so \\boxed{\\frac{6}{8}}", "\\frac34").correct
+def test_a_grader_dropped_without_close_stops_its_workers():
+    g = Grader(workers=1, timeout_s=60.0)
+    assert g.grade("\\boxed{\\frac{2}{4}}", "0.5").correct  # math-verify: in the pool
+    pool = g._pool
+    assert pool.active
+    del g
+    gc.collect()
+    assert not pool.active
+
+
+def test_a_grader_from_the_config_section_has_its_workers_and_limit():
+    with Grader.from_config(GraderConfig(workers=1, timeout_s=60.0)) as g:
+        assert (g.workers, g.timeout_s) == (1, 60.0)
+        assert g.grade("so \\boxed{\\frac{6}{8}}", "\\frac34").correct
+    assert g._pool is None  # closed with the block
 
 
 def _write(path: Path, rows: list) -> Path:
@@ -281,10 +288,10 @@ def test_grade_cli_bad_input_names_the_input_and_writes_nothing(tmp_path, capsys
     assert not out.exists() and not list(tmp_path.glob(".graded.jsonl.*"))
 
 
-def test_grade_refuses_to_overwrite_its_input(tmp_path):
+def test_grade_refuses_to_overwrite_its_input(tmp_path, grader):
     src = _write(tmp_path / "in.jsonl", [{"response": "\\boxed{1}", "answer": "1"}])
     with pytest.raises(GradeInputError, match="overwrite the input"):
-        grade_file(src, src, progress=False)
+        grade_file(src, src, grader=grader, progress=False)
 
 
 def test_non_utf8_input_reports_the_line(tmp_path, capsys):

@@ -24,9 +24,9 @@ from concise_rl.config import GuardConfig, ModelConfig, load_config
 from concise_rl.errors import ConfigError, TrainingGuardError
 from concise_rl.problems import Problem, save_problems
 from concise_rl.synthetic import generate_problems
-from tasks import stages, tracking
-from training.guards import FINITE_KEYS, STOP_FILE, check
-from training.models import load_policy
+from concise_rl.tasks import stages, tracking
+from concise_rl.training.guards import FINITE_KEYS, STOP_FILE, check
+from concise_rl.training.models import load_policy
 
 MODEL = "concise-rl-demo"
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

@@ -19,11 +19,11 @@ from transformers import (
 from bench.mechanism import tiny_policy
 from concise_rl.config import PromptConfig
 from concise_rl.synthetic import generate_problems
-from training import kv_decode
-from training.experience import policy_forward
-from training.generation import eos_token_ids, generate
-from training.models import format_prompt, load_tokenizer
-from training.ppo import response_mask
+from concise_rl.training import kv_decode
+from concise_rl.training.experience import policy_forward
+from concise_rl.training.generation import eos_token_ids, generate
+from concise_rl.training.models import format_prompt, load_tokenizer
+from concise_rl.training.ppo import response_mask
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def test_ppo_checkpoints_are_mirrored_and_a_new_machine_resumes_from_the_store(s
     from concise_rl import paths
     from concise_rl.problems import save_problems
     from concise_rl.synthetic import generate_problems
-    from tasks import stages
+    from concise_rl.tasks import stages
 
     problems = tmp_path / "problems.jsonl"
     save_problems(generate_problems(4, seed=0), problems)

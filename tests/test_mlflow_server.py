@@ -121,7 +121,7 @@ def test_registration_through_an_mlflow_server_with_s3_artifacts(servers, tmp_pa
     from mlflow import MlflowClient
 
     from concise_rl.config import PipelineConfig
-    from tasks import stages, tracking
+    from concise_rl.tasks import stages, tracking
 
     s3, server = servers
     cfg = PipelineConfig(model={"name_or_path": str(tiny_model_dir)}, registry={"tracking_uri": server.uri})

@@ -12,9 +12,9 @@ from test_evaluate_cli import SMALL
 from test_store import s3_server  # noqa: F401 - s3_server: fixture
 
 from concise_rl.config import PipelineConfig
+from concise_rl.flows.evaluate import resolve_models
 from concise_rl.store import MANIFEST, ArtifactStore, StoreError
-from flows.evaluate import resolve_models
-from tasks.model_uri import local_model_dir, resolve_model
+from concise_rl.tasks.model_uri import local_model_dir, resolve_model
 
 
 @pytest.mark.parametrize(("uri", "error", "message"), [

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from concise_rl.config import ModelConfig, PromptConfig
-from training.generation import generate
-from training.models import Critic, ModelLoadError, format_prompt, load_policy, load_tokenizer
+from concise_rl.training.generation import generate
+from concise_rl.training.models import Critic, ModelLoadError, format_prompt, load_policy, load_tokenizer
 
 
 def test_local_model_loads_and_generates(tiny_model_dir: Path) -> None:

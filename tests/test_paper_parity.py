@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import yaml
+from real_family import FAMILIES, SHARED, needs_shared  # tests/, on the path
 
 from concise_rl.config import PipelineConfig, load_config
-from real_family import FAMILIES, SHARED, needs_shared  # tests/, on the path
-from training.embedded import build_tokenizer
-from training.models import format_prompt
+from concise_rl.training.embedded import build_tokenizer
+from concise_rl.training.models import format_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY = yaml.safe_load((Path(__file__).with_name("paper_parity.yaml")).read_text())

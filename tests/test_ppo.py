@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from training import ppo
-from training.experience import critic_forward, policy_forward, position_ids
-from training.models import Critic
+from concise_rl.training import ppo
+from concise_rl.training.experience import critic_forward, policy_forward, position_ids
+from concise_rl.training.models import Critic
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import make_trainer  # tests/ is on the path (pytest rootdir conftest)
 
 from concise_rl.config import ModelConfig, PPOConfig
 from concise_rl.errors import ConfigError
-from test_trainer import make_trainer  # tests/ is on the path (pytest rootdir conftest)
-from training.grpo import grpo_args
-from training.precision import training_precision
+from concise_rl.training.grpo import grpo_args
+from concise_rl.training.precision import training_precision
 
 # The paper's learning rates, no warm-up: every update is lr-sized from the first.
 PAPER_LR = {"actor_lr": 5e-7, "critic_lr": 9e-6, "warmup_ratio": 0.0}
@@ -142,7 +142,7 @@ def test_no_stage_runs_under_autocast_it_did_not_ask_for(sft_dtype: str, model_d
     from collections import defaultdict
 
     from concise_rl.config import load_config
-    from tasks import stages
+    from concise_rl.tasks import stages
     from tests.test_pipeline_e2e import ROOT, TINY
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [*TINY, f"model.embedded.sft_dtype={sft_dtype}",

@@ -38,7 +38,7 @@ def models_cli(capsys, sets: list[str], *extra: str) -> tuple[int, str, str]:
 
 def test_models_lists_versions_aliases_lineage_and_promoted_figures(tmp_path, tiny_model_dir, mlflow_home,
                                                                     capsys, monkeypatch):
-    from tasks import stages
+    from concise_rl.tasks import stages
 
     sets = [f"model.name_or_path={tiny_model_dir}", *SETTINGS]
     cfg = load_config(None, sets)
@@ -100,7 +100,7 @@ def test_an_mlflow_server_that_does_not_answer_fails_at_once_in_one_line(mlflow_
 
     from concise_rl.config import PipelineConfig
     from concise_rl.errors import TrackingServerError
-    from tasks import tracking
+    from concise_rl.tasks import tracking
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()

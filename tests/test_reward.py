@@ -1,4 +1,4 @@
-"""The paper's reward (training/reward.py) and the grader behind it (evaluation/grader.py)."""
+"""The paper's reward (training/reward.py) and the grader behind it (concise_rl/grader.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from concise_rl.config import RewardConfig
-from evaluation.grader import grade
-from training.reward import reward_of, score_responses
+from concise_rl.training.reward import reward_of, score_responses
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GRADER_DEV = SHARED_DATA / "grader" / "math_cot_50_dev.jsonl"
@@ -29,36 +28,36 @@ GRADER_DEV = SHARED_DATA / "grader" / "math_cot_50_dev.jsonl"
         ("first \\boxed{42} then finally \\boxed{7}", "42", -0.5),
     ],
 )
-def test_reward_defaults(response, answer, expected):
-    grades, rewards = score_responses([response], [answer], RewardConfig())
+def test_reward_defaults(response, answer, expected, grader):
+    grades, rewards = score_responses([response], [answer], RewardConfig(), grader)
     assert rewards == [expected]
     assert grades[0].correct == (expected == 1.0)
     assert grades[0].boxed == (expected != -1.0)
 
 
-def test_truncated_response_uses_earlier_complete_box():
+def test_truncated_response_uses_earlier_complete_box(grader):
     response = "So \\boxed{3} ... wait, let me redo this: \\boxed{\\frac{1"
-    g = grade(response, "3")
+    g = grader.grade(response, "3")
     assert g.extracted == "3" and g.correct
-    assert score_responses([response], ["\\frac{1}{2}"], RewardConfig())[1] == [-0.5]
+    assert score_responses([response], ["\\frac{1}{2}"], RewardConfig(), grader)[1] == [-0.5]
 
 
-def test_batch_order_and_custom_config():
+def test_batch_order_and_custom_config(grader):
     cfg = RewardConfig(correct=2.0, wrong_boxed=0.25, no_box=-3.0)
     responses = ["\\boxed{42}", "\\boxed{41}", "42", "\\boxed{\\frac{1}{2}}"]
     answers = ["42", "42", "42", "0.5"]
-    grades, rewards = score_responses(responses, answers, cfg)
+    grades, rewards = score_responses(responses, answers, cfg, grader)
     assert rewards == [2.0, 0.25, -3.0, 2.0]
     assert [g.extracted for g in grades] == ["42", "41", None, "\\frac{1}{2}"]
     assert [reward_of(g, cfg) for g in grades] == rewards
     assert [reward_of(g, RewardConfig()) for g in grades] == [1.0, -0.5, -1.0, 1.0]
 
 
-def test_mismatched_lengths_raise():
+def test_mismatched_lengths_raise(grader):
     with pytest.raises(ValueError):
-        score_responses(["\\boxed{1}", "\\boxed{2}"], ["1"], RewardConfig())
+        score_responses(["\\boxed{1}", "\\boxed{2}"], ["1"], RewardConfig(), grader)
     with pytest.raises(ValueError):
-        score_responses([], ["1"], RewardConfig())
+        score_responses([], ["1"], RewardConfig(), grader)
 
 
 # Rows of the shared dev set whose reference labels were checked by eye
@@ -71,7 +70,7 @@ CHECKED = {6: {0: False, 2: True, 3: False}, 17: {0: True, 2: False}, 37: {0: Fa
 
 
 @pytest.mark.skipif(not GRADER_DEV.is_file(), reason=f"shared grader data not found at {GRADER_DEV}")
-def test_grade_agrees_with_checked_reference_labels():
+def test_grade_agrees_with_checked_reference_labels(grader):
     rows = {}
     with GRADER_DEV.open() as f:
         for line in f:
@@ -83,8 +82,8 @@ def test_grade_agrees_with_checked_reference_labels():
         row = rows[idx]
         for j, label in picks.items():
             assert row["score"][j] == label, (idx, j)  # the file still says what we checked
-            g = grade(row["code"][j], row["gt"])
+            g = grader.grade(row["code"][j], row["gt"])
             assert g.boxed and g.correct == label, (idx, j, g)
         responses = [row["code"][j] for j in picks]
-        _, rewards = score_responses(responses, [row["gt"]] * len(picks), RewardConfig())
+        _, rewards = score_responses(responses, [row["gt"]] * len(picks), RewardConfig(), grader)
         assert rewards == [1.0 if label else -0.5 for label in picks.values()]

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from test_store import BUCKET, make_checkpoint, s3_server  # noqa: F401 - s3_server: fixture
 
+from concise_rl.benchmarks import load_benchmark
 from concise_rl.cli import EXIT_BAD_INPUT, main
 from concise_rl.config import ModelConfig, PipelineConfig, load_config
 from concise_rl.errors import ConfigError, ModelLoadError, ProblemLoadError
+from concise_rl.grader import Grader
 from concise_rl.store import MANIFEST, ArtifactStore, StoreError, build_manifest
-from evaluation.benchmarks import load_benchmark
-from evaluation.grader import Grader
-from training.models import load_policy, load_tokenizer
-from training.reward import score_responses
+from concise_rl.training.models import load_policy, load_tokenizer
+from concise_rl.training.reward import score_responses
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -52,7 +52,7 @@ def test_hostile_answers_are_graded_and_rewarded_without_running(tmp_path, capsy
         as_responses = grader.grade_many(responses, ["5"] * n)
         # Reference answers are data, and untrusted too: they go through the same parser.
         as_references = grader.grade_many(["\\boxed{5}"] * n, codes)
-    grades, rewards = score_responses(responses, ["5"] * n, PipelineConfig().reward)
+        grades, rewards = score_responses(responses, ["5"] * n, PipelineConfig().reward, grader)
     assert [g.correct for g in as_responses + as_references + grades] == [False] * (3 * n)
     assert [g.extracted for g in as_responses] == codes
     assert rewards == [-0.5] * n  # boxed, wrong: the paper's reward, nothing more
@@ -130,7 +130,7 @@ def test_no_secret_reaches_params_tags_artifacts_or_logs(s3_server, mlflow_home,
 def test_credentials_in_urls_are_left_out_of_the_logged_params(mlflow_home):
     from mlflow import MlflowClient
 
-    from tasks import tracking
+    from concise_rl.tasks import tracking
 
     cfg = PipelineConfig(store={"uri": "s3://bucket/prefix", "endpoint_url": "http://minio:pw-7a7a7a@127.0.0.1:9000"})
     with tracking.stage_run(cfg, "probe") as run:

@@ -242,7 +242,7 @@ def test_server_stopped_mid_upload_fails_clearly_and_registers_nothing(s3_server
     from mlflow import MlflowClient
 
     from concise_rl import store as store_module
-    from tasks import stages
+    from concise_rl.tasks import stages
 
     model_dir = tmp_path / "final"
     shutil.copytree(tiny_model_dir, model_dir)
@@ -383,7 +383,7 @@ def test_registered_versions_carry_lineage_and_a_verified_checkpoint(s3_server, 
 
     from concise_rl.problems import problems_hash
     from concise_rl.synthetic import generate_problems
-    from tasks import stages, tracking
+    from concise_rl.tasks import stages, tracking
 
     cfg = PipelineConfig(model={"name_or_path": str(tiny_model_dir)}, store=s3_server.store_config("reg").model_dump())
     base = stages.prepare_base(cfg)
@@ -426,7 +426,7 @@ def test_registered_versions_carry_lineage_and_a_verified_checkpoint(s3_server, 
 
 
 def test_code_version_is_unknown_outside_a_checkout_of_the_code(tmp_path, monkeypatch):
-    from tasks import tracking
+    from concise_rl.tasks import tracking
 
     monkeypatch.setattr(tracking, "CODE_ROOT", tmp_path)
     assert tracking.code_version() == {"git_commit": "unknown"}
@@ -483,9 +483,9 @@ def test_a_moved_home_finds_its_base_version_again(tmp_path, mlflow_home, monkey
     from mlflow import MlflowClient
 
     from concise_rl.config import stable_hash
-    from tasks import stages
+    from concise_rl.tasks import stages
+    from concise_rl.training.models import embedded_dir
     from tests.test_pipeline_e2e import ROOT, TINY
-    from training.models import embedded_dir
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [t for t in TINY if t.startswith("model.")])
     assert stages.prepare_base(cfg)["version"] == "1"

@@ -11,7 +11,7 @@ from pathlib import Path
 from bench.trace_errors import STEP, StepError, check_pass, pass_kinds, split_passes
 from concise_rl.config import load_config
 from concise_rl.synthetic import RECHECK, _parse_question, generate_problems, reasoning_trace
-from tasks.stages import evaluation_sets
+from concise_rl.tasks.stages import evaluation_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Start with 4. Steps: A *5, B +7, C -3, D +4, E stop. Keep only the last digit after each step. " \
@@ -91,14 +91,12 @@ def test_command_counts_and_compares_real_evaluation_files(tmp_path: Path) -> No
     assert wrong_set.returncode == 1 and "the config has no evaluation set 'nope'" in wrong_set.stderr
 
 
-def test_a_slip_in_the_recheck_cannot_change_the_graded_answer() -> None:
+def test_a_slip_in_the_recheck_cannot_change_the_graded_answer(grader) -> None:
     """The re-check is pure length: the graded answer is the first pass's, whatever the re-check writes.
 
     An earlier trace boxed the answer again after the re-check; the base then copied the
     last re-checked step into it and RL in both phases dropped the re-check to stop that.
     """
-    from evaluation.grader import grade_many
-
     rng = random.Random(2)
     problems = generate_problems(20, seed=5, min_level=3, max_level=8)
     traces = [reasoning_trace(p.prompt, rng, 2) for p in problems]
@@ -110,6 +108,6 @@ def test_a_slip_in_the_recheck_cannot_change_the_graded_answer() -> None:
         slipped.append(first + RECHECK + second[: last.start(8)] + wrong + second[last.end(8):])
         assert check_pass(split_passes(slipped[-1])[1], _parse_question(problems[len(slipped) - 1].prompt)).kind == "digit"
     answers = [p.answer for p in problems]
-    assert all(g.correct for g in grade_many(traces, answers))
-    assert all(g.correct for g in grade_many(slipped, answers))
+    assert all(g.correct for g in grader.grade_many(traces, answers))
+    assert all(g.correct for g in grader.grade_many(slipped, answers))
     assert all(t.count("\\boxed{") == 1 for t in traces)

@@ -17,9 +17,10 @@ from transformers import AutoModelForCausalLM
 from bench.mechanism import tiny_random_model
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.errors import DiskFullError
+from concise_rl.grader import Grader
 from concise_rl.synthetic import generate_problems
-from training.models import freeze_all_but_top_layers
-from training.trainer import PPOTrainer
+from concise_rl.training.models import freeze_all_but_top_layers
+from concise_rl.training.trainer import PPOTrainer
 
 PROBLEMS = generate_problems(6, seed=5, min_level=2, max_level=3)
 LOGGED = {
@@ -37,7 +38,8 @@ def make_trainer(model_dir: Path, out: Path, on_step=None, model_cfg: ModelConfi
     cfg = PPOConfig(**(settings | overrides))
     return PPOTrainer(
         policy_path=str(model_dir), problems=PROBLEMS, out_dir=out, ppo_cfg=cfg, model_cfg=model_cfg or ModelConfig(),
-        prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), on_step=on_step, keep_checkpoints=2,
+        prompt_cfg=PromptConfig(), reward_cfg=RewardConfig(), grader=Grader(workers=0), on_step=on_step,
+        keep_checkpoints=2,
     )
 
 
@@ -241,11 +243,9 @@ def test_cli_reports_a_full_disk_in_one_line_and_leaves_no_partial_checkpoint(ti
                                                                               monkeypatch, capsys):
     from concise_rl import cli
     from concise_rl.problems import save_problems
-    from evaluation import grader
 
     home = tmp_path / "home"
     monkeypatch.setenv("CONCISE_RL_HOME", str(home))
-    monkeypatch.setattr(grader, "_default", grader._default)  # main() configures the process-wide grader
     disk = small_disk("home/checkpoints", size_kb=64)  # smaller than one checkpoint of the tiny model
     problems = tmp_path / "problems.jsonl"
     save_problems(PROBLEMS, problems)

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from concise_rl.errors import DiskFullError
 from concise_rl.files import read_jsonl, read_latest
-from training.precision import Precision
+from concise_rl.training.precision import Precision
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 from concise_rl.config import Band, CurationConfig, PromptConfig, RewardConfig
 from concise_rl.errors import CurationError
+from concise_rl.grader import Grader
 from concise_rl.problems import Problem
-from training.generation import check_prompt_lengths, generate
-from training.models import format_prompt
-from training.reward import score_responses
+from concise_rl.training.generation import check_prompt_lengths, generate
+from concise_rl.training.models import format_prompt
+from concise_rl.training.reward import score_responses
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class PassRate:
 
 def measure_pass_rates(
     model, tokenizer, problems: list[Problem], cfg: CurationConfig, prompt: PromptConfig, reward: RewardConfig,
-    *, engine: str = "auto",
+    grader: Grader, *, engine: str = "auto",
 ) -> list[PassRate]:
     """Sample ``cfg.samples_per_problem`` responses per problem and count the correct ones."""
     k = cfg.samples_per_problem
@@ -52,7 +53,7 @@ def measure_pass_rates(
         desc="curation: sampling",
         engine=engine,
     )
-    grades, _ = score_responses(gen.texts, [p.answer for p in problems for _ in range(k)], reward)
+    grades, _ = score_responses(gen.texts, [p.answer for p in problems for _ in range(k)], reward, grader)
     lengths = gen.lengths.tolist()
     rates = []
     for i, p in enumerate(problems):

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from concise_rl.config import PPOConfig
-from training.experience import Scored
+from concise_rl.training.experience import Scored
 
 
 def zero_stage(accelerator: Accelerator) -> int | None:

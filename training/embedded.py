@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from concise_rl.config import EmbeddedModelConfig, PromptConfig
 from concise_rl.synthetic import generate_problems, reasoning_trace
-from training.models import format_prompt, prompt_messages
+from concise_rl.training.models import format_prompt, prompt_messages
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from concise_rl.config import PPOConfig
-from training import ppo
-from training.generation import Generation
+from concise_rl.training import ppo
+from concise_rl.training.generation import Generation
 
 
 @dataclass

@@ -8,8 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from concise_rl.errors import ConfigError
-from training import kv_decode
-from training.ppo import response_mask
+from concise_rl.training import kv_decode
+from concise_rl.training.ppo import response_mask
 
 ENGINES = ("auto", "kv", "hf")
 

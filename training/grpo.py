@@ -29,10 +29,11 @@ from trl import GRPOConfig, GRPOTrainer
 from concise_rl.ablation import GRPO_LOSS_TYPES
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig, stable_hash
 from concise_rl.files import replaced_dir
+from concise_rl.grader import Grader
 from concise_rl.problems import Problem, problems_hash
-from training.models import format_prompt, freeze_all_but_top_layers, load_tokenizer
-from training.precision import training_precision
-from training.reward import score_responses
+from concise_rl.training.models import format_prompt, freeze_all_but_top_layers, load_tokenizer
+from concise_rl.training.precision import training_precision
+from concise_rl.training.reward import score_responses
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,11 @@ def grpo_dataset(problems: list[Problem], tokenizer, prompt_cfg: PromptConfig) -
     })
 
 
-def paper_reward(reward_cfg: RewardConfig):
+def paper_reward(reward_cfg: RewardConfig, grader: Grader):
     """The paper's reward as a TRL reward function; it also logs accuracy and the boxed rate."""
 
     def paper_reward(completions: list[str], answer: list[str], log_metric=None, **_) -> list[float]:
-        grades, scores = score_responses(completions, answer, reward_cfg)
+        grades, scores = score_responses(completions, answer, reward_cfg, grader)
         if log_metric is not None:
             log_metric("accuracy", float(np.mean([g.correct for g in grades])))
             log_metric("boxed_rate", float(np.mean([g.boxed for g in grades])))
@@ -167,6 +168,7 @@ class GRPORun:
         model_cfg: ModelConfig,
         prompt_cfg: PromptConfig,
         reward_cfg: RewardConfig,
+        grader: Grader,
         device: torch.device,
         on_step: StepCallback | None = None,
     ):
@@ -180,6 +182,7 @@ class GRPORun:
         self.model_cfg = model_cfg
         self.prompt_cfg = prompt_cfg
         self.reward_cfg = reward_cfg
+        self.grader = grader
         self.device = device
         self.on_step = on_step
         self.run_key = stable_hash({
@@ -199,7 +202,7 @@ class GRPORun:
                          use_cpu=self.device.type == "cpu")
         trainer = trainer_cls(
             model=self.policy_path,
-            reward_funcs=paper_reward(self.reward_cfg),
+            reward_funcs=paper_reward(self.reward_cfg, self.grader),
             args=args,
             train_dataset=grpo_dataset(self.problems, tokenizer, self.prompt_cfg),
             processing_class=tokenizer,

@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 from concise_rl import paths
 from concise_rl.config import ModelConfig, PromptConfig, stable_hash
 from concise_rl.errors import ConfigError, ModelLoadError
-from training.precision import DTYPES
+from concise_rl.training.precision import DTYPES
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -29,7 +29,7 @@ EMBEDDED_PREFIX = "embedded:"
 def _embedded_code_hash() -> str:
     """The task and the build recipe are part of the model's identity, not only its config."""
     from concise_rl import synthetic
-    from training import embedded
+    from concise_rl.training import embedded
 
     return stable_hash([Path(m.__file__).read_text() for m in (synthetic, embedded)])
 

@@ -7,7 +7,7 @@ Nothing in it depends on length: conciseness must come from the optimisation
 from __future__ import annotations
 
 from concise_rl.config import RewardConfig
-from evaluation.grader import Grade, grade_many
+from concise_rl.grader import Grade, Grader
 
 
 def reward_of(g: Grade, cfg: RewardConfig) -> float:
@@ -17,8 +17,8 @@ def reward_of(g: Grade, cfg: RewardConfig) -> float:
 
 
 def score_responses(
-    responses: list[str], answers: list[str], cfg: RewardConfig
+    responses: list[str], answers: list[str], cfg: RewardConfig, grader: Grader
 ) -> tuple[list[Grade], list[float]]:
-    """Grade each response against its reference answer (the shared grader) and turn the grade into a reward."""
-    grades = grade_many(responses, answers)
+    """Grade each response against its reference answer with ``grader`` and turn the grade into a reward."""
+    grades = grader.grade_many(responses, answers)
     return grades, [reward_of(g, cfg) for g in grades]

@@ -22,6 +22,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +34,27 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig, stable_hash
 from concise_rl.errors import TrainingGuardError
+from concise_rl.grader import Grade, Grader
 from concise_rl.problems import Problem, problems_hash
-from evaluation.grader import Grade
-from training import distributed, guards, ppo
-from training.checkpoint import Checkpointer, Models
-from training.experience import Rollout, Scored, critic_forward, experience, policy_forward, reuse_rollout_logprobs
-from training.generation import Generation, check_prompt_lengths, generate
-from training.models import Critic, format_prompt, freeze_all_but_top_layers, load_policy, load_tokenizer
-from training.precision import training_precision
-from training.reward import score_responses
+from concise_rl.training import distributed, guards, ppo
+from concise_rl.training.checkpoint import Checkpointer, Models
+from concise_rl.training.experience import (
+    Rollout,
+    Scored,
+    critic_forward,
+    experience,
+    policy_forward,
+    reuse_rollout_logprobs,
+)
+from concise_rl.training.generation import Generation, check_prompt_lengths, generate
+from concise_rl.training.models import Critic, format_prompt, freeze_all_but_top_layers, load_policy, load_tokenizer
+from concise_rl.training.precision import training_precision
+from concise_rl.training.reward import score_responses
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, dict[str, float]], None]
-# (responses, reference answers) -> (grades, scalar rewards); the paper's reward by default.
+# (responses, reference answers) -> (grades, scalar rewards); the paper's reward (graded by ``grader``) by default.
 Scorer = Callable[[list[str], list[str]], tuple[list[Grade], list[float]]]
 # Process r of N samples with seed + r * RANK_SEED_STRIDE, so processes draw different responses
 # (process 0, and a single process, keep the seed as it is).
@@ -78,6 +86,7 @@ class PPOTrainer:
         model_cfg: ModelConfig,
         prompt_cfg: PromptConfig,
         reward_cfg: RewardConfig,
+        grader: Grader | None = None,
         on_step: StepCallback | None = None,
         keep_checkpoints: int = 2,
         accelerator: Accelerator | None = None,
@@ -90,7 +99,11 @@ class PPOTrainer:
         self.cfg = ppo_cfg
         self.model_cfg = model_cfg
         self.prompt_cfg = prompt_cfg
-        self.scorer = scorer or (lambda texts, answers: score_responses(texts, answers, reward_cfg))
+        if scorer is None:
+            if grader is None:
+                raise ValueError("PPOTrainer needs a grader (concise_rl.grader.Grader) for the paper's reward, or a scorer")
+            scorer = partial(score_responses, cfg=reward_cfg, grader=grader)
+        self.scorer = scorer
         self.problems = problems
         self.policy_path = policy_path
         self.out_dir = Path(out_dir)

@@ -16,6 +16,10 @@ Model text is never evaluated as Python: answers are parsed as LaTeX only
 (math-verify's ``LatexExtractionConfig``; its plain-expression extractor goes
 through sympy's ``parse_expr``, which is ``eval`` underneath, so it is not used).
 
+There is no module-level grader: whatever grades (the reward, curation, evaluation, the
+``grade`` command) takes a :class:`Grader`, and each pipeline stage builds one from the
+config's ``grader`` section (:meth:`Grader.from_config`) and closes it when it ends.
+
 Cheap verdicts are decided in the calling process without the pool: no box, a
 box too long or nested too deep to be a final answer, the same text, or two plain
 integers. Everything else goes to math-verify.
@@ -23,17 +27,18 @@ integers. Everything else goes to math-verify.
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing
 import os
 import re
 import threading
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import lru_cache
 
 from concise_rl.answers import extract_boxed
+from concise_rl.config import GraderConfig
 
 # A boxed answer longer than this is not a final answer; parsing it can take
 # seconds, so it is wrong without being parsed.
@@ -179,6 +184,11 @@ def _init_worker() -> None:
         logging.getLogger(name).addFilter(_NoTimeoutNote())
 
 
+def _stop_pool(pool) -> None:
+    pool.stop()
+    pool.join()
+
+
 class Grader:
     """Grades responses against reference answers; math-verify runs in ``workers`` processes.
 
@@ -198,7 +208,13 @@ class Grader:
         self.workers = min(4, os.cpu_count() or 1) if workers is None else workers
         self.timeout_s = timeout_s
         self._pool = None
+        self._stop: weakref.finalize | None = None  # stops the pool: on close(), when dropped, or at exit
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: GraderConfig) -> Grader:
+        """The grader the config's ``grader`` section describes."""
+        return cls(cfg.workers, cfg.timeout_s)
 
     def __enter__(self) -> Grader:
         return self
@@ -208,10 +224,9 @@ class Grader:
 
     def close(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.stop()
-            pool.join()
+            stop, self._pool, self._stop = self._stop, None, None
+        if stop is not None:
+            stop()
 
     def _get_pool(self):
         with self._lock:
@@ -223,6 +238,8 @@ class Grader:
                 self._pool = ProcessPool(
                     max_workers=self.workers, context=multiprocessing.get_context("spawn"), initializer=_init_worker
                 )
+                # A grader dropped without close(), or alive at exit, still stops its workers.
+                self._stop = weakref.finalize(self, _stop_pool, self._pool)
             return self._pool
 
     def grade(self, response: str, reference: str) -> Grade:
@@ -290,41 +307,3 @@ class Grader:
                 if bar is not None:
                     bar.update()
             todo = retry
-
-
-_default: Grader | None = None
-_default_lock = threading.Lock()
-
-
-def configure(workers: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Grader:
-    """Replace the grader that :func:`grade` and the reward use (the config's ``grader`` section)."""
-    global _default
-    with _default_lock:
-        old, _default = _default, Grader(workers, timeout_s)
-    if old is not None:
-        old.close()
-    return _default
-
-
-def default_grader() -> Grader:
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = Grader()
-        return _default
-
-
-@atexit.register
-def _close_default() -> None:
-    if _default is not None:
-        _default.close()
-
-
-def grade(response: str, reference: str) -> Grade:
-    """Grade one response against one reference answer with the default grader."""
-    return default_grader().grade(response, reference)
-
-
-def grade_many(responses: Sequence[str], references: Sequence[str], *, desc: str | None = None) -> list[Grade]:
-    """Grade many responses with the default grader, in parallel."""
-    return default_grader().grade_many(responses, references, desc=desc)
