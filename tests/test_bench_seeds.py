@@ -54,8 +54,31 @@ def test_seed_table_over_runs_with_the_base_built_once(tmp_path: Path, prefect_a
     assert table.count("\n| sft 3, rl ") == 2 and "| mean |" in table and "| min |" in table and "| max |" in table
     assert result["meta"]["cpu"] and result["meta"]["torch"] and "bench.seeds" in result["meta"]["command"]
 
+    # bench.phase2 reruns phase 2 from a finished home's phase-1 model, leaving the home as it was.
+    before = sorted(p.relative_to(first) for p in first.rglob("*"))
+    args = [sys.executable, "-m", "bench.phase2", str(first), "--out", str(tmp_path / "p2"), "--set",
+            *TINY, "phase2.ppo.steps=3", "phase2.ppo.actor_lr=1e-3"]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(line["train_lengths"]) == 3 and set(line["phase2"]) == {"0.0", "0.6"}
+    for t, (acc, length) in line["phase2"].items():
+        assert line["cut_pct"][t] == pytest.approx(100 * (1 - length / line["phase1"][t][1]), abs=0.1)
+        assert line["acc_change_pts"][t] == pytest.approx(acc - line["phase1"][t][0], abs=0.1)
+    # The phase-1 model's figures are the pipeline's own evaluation of it.
+    summary = json.loads((first / "reports" / "latest" / "summary.json").read_text())
+    greedy = summary["models"]["phase1"]["eval"]["heldout"]["0.0"]
+    assert line["phase1"]["0.0"] == [round(100 * greedy["accuracy"], 1), round(greedy["mean_length"], 1)]
+    assert json.loads((tmp_path / "p2" / "results.jsonl").read_text().splitlines()[-1]) == line
+    assert sorted(p.relative_to(first) for p in first.rglob("*")) == before
+
 
 def test_seed_bench_refuses_a_missing_config(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "bench.seeds", "--config", str(tmp_path / "nope.yaml")],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "--config" in done.stderr and "does not exist" in done.stderr
+
+
+def test_phase2_bench_refuses_a_home_without_phase_1(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.phase2", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and "no finished phase 1" in done.stderr and str(tmp_path) in done.stderr

@@ -1,0 +1,85 @@
+"""Phase 2 alone, from a finished run's phase-1 model: does a setting shorten answers and keep accuracy?
+
+A whole seed run (``bench.seeds``) takes as long as ``make demo``; phase 2 with its held-out
+evaluation takes a third of that. This reruns phase 2 from the phase-1 model and the curated
+phase-2 problems that a ``concise-rl run`` (or ``bench.seeds``) left in ``HOME``, under the
+config with ``--set`` changes (the pipeline's ``--set`` keys: ``phase2.ppo.actor_lr=4.5e-4``
+changes phase 2 alone), then evaluates the result and the phase-1 model on the config's held-out set at
+every evaluation temperature and prints one JSON line: the training length per step, held-out
+accuracy and mean length of both models, phase 2's length cut and the accuracy change.
+
+    python -m bench.phase2 HOME [--config configs/demo.yaml] [--out DIR] [--set KEY=VALUE ...]
+
+e.g. ``python -m bench.phase2 bench/results/seeds/sft0-rl1 --set ppo.seed=1 phase2.ppo.steps=20``.
+Nothing in ``HOME`` is changed; the new policy is written under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from concise_rl.config import load_config
+from concise_rl.evaluation.evaluate import evaluate_model
+from concise_rl.grader import Grader
+from concise_rl.problems import load_problems
+from concise_rl.tasks.stages import evaluation_sets
+from concise_rl.training.models import load_policy, load_tokenizer
+from concise_rl.training.trainer import PPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def held_out(cfg, model_dir: Path, grader: Grader) -> dict[str, tuple[float, float]]:
+    """Held-out accuracy (%) and mean length per temperature, as the pipeline's evaluation measures them."""
+    tokenizer = load_tokenizer(str(model_dir), prompt=cfg.prompt)
+    model = load_policy(str(model_dir), cfg.model, "cpu").eval()
+    summary, _ = evaluate_model(model, tokenizer, {"heldout": evaluation_sets(cfg)["heldout"]}, cfg.evaluation,
+                                cfg.prompt, grader, seed=cfg.seed)
+    return {t: (round(100 * s["accuracy"], 1), round(s["mean_length"], 1)) for t, s in summary["heldout"].items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.phase2", description=__doc__.split("\n\n")[0])
+    parser.add_argument("home", type=Path, help="a finished run's home (holds checkpoints/phase1/final and curation/)")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "phase2",
+                        help="folder for the new phase-2 runs (bench/results/phase2)")
+    parser.add_argument("--set", dest="changes", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config changes, as the pipeline's --set: e.g. ppo.seed=1 phase2.ppo.steps=20")
+    args = parser.parse_args(argv)
+    phase1 = args.home / "checkpoints" / "phase1" / "final"
+    curated = sorted(args.home.glob("curation/*/phase2.jsonl"))
+    if not phase1.is_dir() or not curated:
+        raise SystemExit(f"bench.phase2: {args.home} has no finished phase 1 ({phase1}) or no curated phase-2 "
+                         "problems (curation/*/phase2.jsonl); give the home of a finished concise-rl run")
+    cfg = load_config(args.config, args.changes)
+    name = "_".join(sorted(c.replace("/", "-") for c in args.changes)) or "config"
+    out = args.out / f"{args.home.name}-{name}"
+    grader = Grader.from_config(cfg.grader)
+    try:
+        trainer = PPOTrainer(policy_path=str(phase1), problems=load_problems(str(curated[0])), out_dir=out,
+                             ppo_cfg=cfg.ppo_for("phase2"), model_cfg=cfg.model, prompt_cfg=cfg.prompt, reward_cfg=cfg.reward,
+                             grader=grader)
+        start = time.perf_counter()
+        final = trainer.train()
+        minutes = (time.perf_counter() - start) / 60
+        lengths = [round(json.loads(line)["response_length"]) for line in (out / "metrics.jsonl").open()]
+        before, after = held_out(cfg, phase1, grader), held_out(cfg, final, grader)
+    finally:
+        grader.close()
+    result = {
+        "home": str(args.home), "set": args.changes, "train_min": round(minutes, 2), "train_lengths": lengths,
+        "phase1": before, "phase2": after,
+        "cut_pct": {t: round(100 * (1 - after[t][1] / before[t][1]), 1) for t in after},
+        "acc_change_pts": {t: round(after[t][0] - before[t][0], 1) for t in after},
+    }
+    print(json.dumps(result))
+    with (args.out / "results.jsonl").open("a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
