@@ -6,7 +6,8 @@ phase-2 problems that a ``concise-rl run`` (or ``bench.seeds``) left in ``HOME``
 config with ``--set`` changes (the pipeline's ``--set`` keys: ``phase2.ppo.actor_lr=4.5e-4``
 changes phase 2 alone), then evaluates the result and the phase-1 model on the config's held-out set at
 every evaluation temperature and prints one JSON line: the training length per step, held-out
-accuracy and mean length of both models, phase 2's length cut and the accuracy change.
+accuracy and mean length of both models, phase 2's length cut and the accuracy change with
+its paired 95% CI (the gate's comparison, as ``bench.seeds`` reports it).
 
     python -m bench.phase2 HOME [--config configs/demo.yaml] [--out DIR] [--set KEY=VALUE ...]
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from concise_rl.config import load_config
 from concise_rl.evaluation.evaluate import evaluate_model
+from concise_rl.evaluation.gate import accuracy_comparison, length_reduction_pct
 from concise_rl.grader import Grader
 from concise_rl.problems import load_problems
 from concise_rl.tasks.stages import evaluation_sets
@@ -32,19 +34,25 @@ from concise_rl.training.trainer import PPOTrainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def held_out(cfg, model_dir: Path, grader: Grader) -> dict[str, tuple[float, float]]:
-    """Held-out accuracy (%) and mean length per temperature, as the pipeline's evaluation measures them."""
+def held_out(cfg, model_dir: Path, grader: Grader) -> dict[str, dict]:
+    """The held-out evaluation per temperature, as the pipeline's evaluation measures it."""
     tokenizer = load_tokenizer(str(model_dir), prompt=cfg.prompt)
     model = load_policy(str(model_dir), cfg.model, "cpu").eval()
     summary, _ = evaluate_model(model, tokenizer, {"heldout": evaluation_sets(cfg)["heldout"]}, cfg.evaluation,
                                 cfg.prompt, grader, seed=cfg.seed)
-    return {t: (round(100 * s["accuracy"], 1), round(s["mean_length"], 1)) for t, s in summary["heldout"].items()}
+    return summary["heldout"]
+
+
+def figures(evaluation: dict[str, dict]) -> dict[str, list[float]]:
+    """Accuracy (%) and mean length per temperature."""
+    return {t: [round(100 * s["accuracy"], 1), round(s["mean_length"], 1)] for t, s in evaluation.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.phase2", description=__doc__.split("\n\n")[0])
     parser.add_argument("home", type=Path, help="a finished run's home (holds checkpoints/phase1/final and curation/)")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
+                        help="the config the home was run with (configs/demo.yaml)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "phase2",
                         help="folder for the new phase-2 runs (bench/results/phase2)")
     parser.add_argument("--set", dest="changes", nargs="*", default=[], metavar="KEY=VALUE",
@@ -61,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     grader = Grader.from_config(cfg.grader)
     try:
         trainer = PPOTrainer(policy_path=str(phase1), problems=load_problems(str(curated[0])), out_dir=out,
-                             ppo_cfg=cfg.ppo_for("phase2"), model_cfg=cfg.model, prompt_cfg=cfg.prompt, reward_cfg=cfg.reward,
-                             grader=grader)
+                             ppo_cfg=cfg.ppo_for("phase2"), model_cfg=cfg.model, prompt_cfg=cfg.prompt,
+                             reward_cfg=cfg.reward, grader=grader)
         start = time.perf_counter()
         final = trainer.train()
         minutes = (time.perf_counter() - start) / 60
@@ -70,11 +78,15 @@ def main(argv: list[str] | None = None) -> None:
         before, after = held_out(cfg, phase1, grader), held_out(cfg, final, grader)
     finally:
         grader.close()
+    # The gate's own comparison: length cut and the paired bootstrap CI of the accuracy change.
+    change = {t: accuracy_comparison(after[t], before[t], cfg.gate, f"heldout@T={t}") for t in after}
+    cut = {t: length_reduction_pct(after[t]["mean_length"], before[t]["mean_length"]) for t in after}
     result = {
         "home": str(args.home), "set": args.changes, "train_min": round(minutes, 2), "train_lengths": lengths,
-        "phase1": before, "phase2": after,
-        "cut_pct": {t: round(100 * (1 - after[t][1] / before[t][1]), 1) for t in after},
-        "acc_change_pts": {t: round(after[t][0] - before[t][0], 1) for t in after},
+        "phase1": figures(before), "phase2": figures(after),
+        "cut_pct": {t: round(c, 1) for t, c in cut.items()},
+        "acc_change_pts": {t: round(100 * c["difference"], 1) for t, c in change.items()},
+        "acc_change_ci_pts": {t: [round(100 * x, 1) for x in c["ci"]] for t, c in change.items()},
     }
     print(json.dumps(result))
     with (args.out / "results.jsonl").open("a") as f:

@@ -65,6 +65,8 @@ def test_seed_table_over_runs_with_the_base_built_once(tmp_path: Path, prefect_a
     for t, (acc, length) in line["phase2"].items():
         assert line["cut_pct"][t] == pytest.approx(100 * (1 - length / line["phase1"][t][1]), abs=0.1)
         assert line["acc_change_pts"][t] == pytest.approx(acc - line["phase1"][t][0], abs=0.1)
+        low, high = line["acc_change_ci_pts"][t]
+        assert low <= line["acc_change_pts"][t] <= high
     # The phase-1 model's figures are the pipeline's own evaluation of it.
     summary = json.loads((first / "reports" / "latest" / "summary.json").read_text())
     greedy = summary["models"]["phase1"]["eval"]["heldout"]["0.0"]
@@ -80,5 +82,6 @@ def test_seed_bench_refuses_a_missing_config(tmp_path: Path) -> None:
 
 
 def test_phase2_bench_refuses_a_home_without_phase_1(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "bench.phase2", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "bench.phase2", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True)
     assert done.returncode == 1 and "no finished phase 1" in done.stderr and str(tmp_path) in done.stderr
