@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from concise_rl.config import load_config
+from concise_rl.config import load_config, stable_hash
 from concise_rl.evaluation.evaluate import evaluate_model
 from concise_rl.evaluation.gate import accuracy_comparison, length_reduction_pct
 from concise_rl.grader import Grader
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                          "problems (curation/*/phase2.jsonl); give the home of a finished concise-rl run")
     cfg = load_config(args.config, args.changes)
     name = "_".join(sorted(c.replace("/", "-") for c in args.changes)) or "config"
+    if len(name) > 120:  # a folder name must stay under the file system's 255 bytes
+        name = "set-" + stable_hash(sorted(args.changes))
     out = args.out / f"{args.home.name}-{name}"
     grader = Grader.from_config(cfg.grader)
     try:
