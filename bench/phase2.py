@@ -27,7 +27,7 @@ from concise_rl.evaluation.evaluate import evaluate_model
 from concise_rl.evaluation.gate import accuracy_comparison, length_reduction_pct
 from concise_rl.grader import Grader
 from concise_rl.problems import load_problems
-from concise_rl.tasks.stages import evaluation_sets
+from concise_rl.tasks.stages import device, evaluation_sets
 from concise_rl.training.models import load_policy, load_tokenizer
 from concise_rl.training.trainer import PPOTrainer
 
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def held_out(cfg, model_dir: Path, grader: Grader) -> dict[str, dict]:
     """The held-out evaluation per temperature, as the pipeline's evaluation measures it."""
     tokenizer = load_tokenizer(str(model_dir), prompt=cfg.prompt)
-    model = load_policy(str(model_dir), cfg.model, "cpu").eval()
+    model = load_policy(str(model_dir), cfg.model, device(cfg)).eval()
     summary, _ = evaluate_model(model, tokenizer, {"heldout": evaluation_sets(cfg)["heldout"]}, cfg.evaluation,
                                 cfg.prompt, grader, seed=cfg.seed)
     return summary["heldout"]
