@@ -32,6 +32,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
+from concise_rl.config import GateConfig, load_config
+from concise_rl.evaluation.gate import length_reduction_pct
+from concise_rl.evaluation.metrics import paired_difference
+
 ROOT = Path(__file__).resolve().parents[1]
 # The targets every seed must meet (issue 19): held-out length cut at both temperatures, mean
 # accuracy change and the lower bound of its paired 95% CI, in points.
@@ -132,6 +138,39 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PARENT = {"phase1": "base", "phase2": "phase1"}
+
+
+def full_table(label: str, summary: dict, gate: GateConfig) -> str:
+    """One run's every evaluation: per set, temperature and model, the accuracy with its 95% CI,
+    mean length and truncation rate, and against the model it started from the length cut and
+    the paired accuracy change with its CI (computed as the gate computes it, so the gate's
+    sets show the gate's own figures)."""
+    lines = [f"## Every evaluation of run {label}", "",
+             "Accuracy with its 95% bootstrap CI; cut and paired change are against the model each "
+             "started from (phase 1 against the base, phase 2 against phase 1).", "",
+             "| set | T | model | accuracy [95% CI] | mean length | truncated | cut | accuracy change [95% CI] | n |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    models = summary["models"]
+    for set_name in models["phase2"]["eval"]:
+        for t in sorted(models["phase2"]["eval"][set_name], key=float):
+            for model in ("base", "phase1", "phase2"):
+                m = models[model]["eval"][set_name][t]
+                low, high = (100 * x for x in m["accuracy_ci"])
+                cut = change = ""
+                if model in PARENT:
+                    parent = models[PARENT[model]]["eval"][set_name][t]
+                    cut = f"{length_reduction_pct(m['mean_length'], parent['mean_length']):.1f}%"
+                    diff = paired_difference(np.array(m["per_problem"]), np.array(parent["per_problem"]),
+                                             n_boot=gate.bootstrap_samples, alpha=1 - gate.confidence, seed=gate.seed)
+                    d_low, d_high = (100 * x for x in diff["ci"])
+                    change = f"{100 * diff['difference']:+.1f} [{d_low:+.1f}, {d_high:+.1f}]"
+                accuracy = f"{100 * m['accuracy']:.1f}% [{low:.1f}, {high:.1f}]"
+                lines.append(f"| {set_name} | {t} | {model} | {accuracy} | {m['mean_length']:.0f} | "
+                             f"{100 * m['truncation_rate']:.1f}% | {cut} | {change} | {m['n']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
@@ -151,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
 
     runs = [(f"sft {s}, rl {args.rl_seeds[0]}", s, args.rl_seeds[0]) for s in args.sft_seeds]
     runs += [(f"sft {args.sft_seeds[0]}, rl {r}", args.sft_seeds[0], r) for r in args.rl_seeds[1:]]
-    rows = []
+    rows, full = [], ""
     first_home = args.out / f"sft{args.sft_seeds[0]}-rl{args.rl_seeds[0]}"
     for label, sft, rl in runs:
         home = args.out / f"sft{sft}-rl{rl}"
@@ -167,13 +206,15 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"bench.seeds: run {label} failed with exit code {code}; see {home / 'run.log'}")
         summary = json.loads((home / "reports" / "latest" / "summary.json").read_text())
         rows.append(row_of(label, summary, args.eval_set, code, seconds))
+        if not full:  # the first run's every set and temperature, as one reference
+            full = full_table(label, summary, load_config(args.config, args.changes).gate)
         print(f"[{datetime.now(UTC):%H:%M:%S}] {label}: done in {seconds / 60:.1f} min, "
               f"targets {'met' if rows[-1]['meets_targets'] else 'missed'}", flush=True)
-        table = write_tables(args, rows, argv)  # after every run: a stopped bench keeps what it measured
+        table = write_tables(args, rows, argv, full)  # after every run: a stopped bench keeps what it measured
     print(table)
 
 
-def write_tables(args: argparse.Namespace, rows: list[dict], argv: list[str] | None) -> str:
+def write_tables(args: argparse.Namespace, rows: list[dict], argv: list[str] | None, full: str = "") -> str:
     import torch
     import transformers
 
@@ -183,7 +224,7 @@ def write_tables(args: argparse.Namespace, rows: list[dict], argv: list[str] | N
             "transformers": transformers.__version__, "command": "python -m bench.seeds " + " ".join(argv or sys.argv[1:])}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seeds.json").write_text(json.dumps({"meta": meta, "targets": TARGETS, "runs": rows}, indent=2))
-    table = markdown(rows, meta)
+    table = markdown(rows, meta) + ("\n" + full if full else "")
     (args.out / "seeds.md").write_text(table)
     return table
 

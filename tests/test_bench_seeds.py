@@ -52,6 +52,7 @@ def test_seed_table_over_runs_with_the_base_built_once(tmp_path: Path, prefect_a
 
     table = (out / "seeds.md").read_text()
     assert table.count("\n| sft 3, rl ") == 2 and "| mean |" in table and "| min |" in table and "| max |" in table
+    assert "## Every evaluation of run sft 3, rl 0" in table and table.count("\n| heldout | ") == 6
     assert result["meta"]["cpu"] and result["meta"]["torch"] and "bench.seeds" in result["meta"]["command"]
 
     # bench.phase2 reruns phase 2 from a finished home's phase-1 model, leaving the home as it was.
@@ -85,3 +86,28 @@ def test_phase2_bench_refuses_a_home_without_phase_1(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "bench.phase2", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True)
     assert done.returncode == 1 and "no finished phase 1" in done.stderr and str(tmp_path) in done.stderr
+
+
+def test_full_table_shows_every_set_and_the_gates_own_comparison() -> None:
+    from bench.seeds import full_table
+    from concise_rl.config import GateConfig
+    from concise_rl.evaluation.metrics import paired_difference
+
+    def result(per_problem: list[float], length: float) -> dict:
+        return {"accuracy": sum(per_problem) / len(per_problem), "accuracy_ci": [0.5, 1.0], "mean_length": length,
+                "truncation_rate": 0.25, "n": len(per_problem), "per_problem": per_problem}
+
+    answers = {"base": [1.0, 0.0, 1.0, 1.0], "phase1": [1.0, 1.0, 1.0, 1.0], "phase2": [1.0, 1.0, 0.0, 1.0]}
+    lengths = {"base": 200.0, "phase1": 180.0, "phase2": 90.0}
+    summary = {"models": {m: {"eval": {s: {t: result(answers[m], lengths[m]) for t in ("0.0", "0.6")}
+                                       for s in ("heldout", "hard")}} for m in answers}}
+    gate = GateConfig(bootstrap_samples=200)
+    table = full_table("sft 0, rl 0", summary, gate)
+    rows = [line for line in table.splitlines() if line.startswith(("| heldout", "| hard"))]
+    assert len(rows) == 2 * 2 * 3
+    diff = paired_difference(answers["phase2"], answers["phase1"], n_boot=200, alpha=0.05, seed=0)
+    low, high = (100 * x for x in diff["ci"])
+    change = f"-25.0 [{low:+.1f}, {high:+.1f}]"
+    assert f"| hard | 0.6 | phase2 | 75.0% [50.0, 100.0] | 90 | 25.0% | 50.0% | {change} | 4 |" in rows
+    assert rows[0] == "| heldout | 0.0 | base | 75.0% [50.0, 100.0] | 200 | 25.0% |  |  | 4 |"
+    assert "| heldout | 0.0 | phase1 | 100.0% [50.0, 100.0] | 180 | 25.0% | 10.0% | +25.0 [" in rows[1]
