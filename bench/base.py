@@ -21,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+from bench.phase2 import figures
 from concise_rl.config import load_config, stable_hash
 from concise_rl.evaluation.evaluate import evaluate_model
 from concise_rl.grader import Grader
@@ -57,9 +58,8 @@ def main(argv: list[str] | None = None) -> None:
                                     seed=cfg.seed)
     finally:
         grader.close()
-    figures = {name: {t: [round(100 * s["accuracy"], 1), round(s["mean_length"], 1)] for t, s in temps.items()}
-               for name, temps in summary.items()}
-    print(json.dumps({"set": args.changes, "model": str(model_dir), "build_min": sft_min, "accuracy_length": figures}))
+    by_set = {name: figures(temps) for name, temps in summary.items()}
+    print(json.dumps({"set": args.changes, "model": str(model_dir), "build_min": sft_min, "accuracy_length": by_set}))
 
 
 if __name__ == "__main__":
