@@ -11,7 +11,7 @@ not rebuilt.
     python -m bench.base [--config configs/demo.yaml] [--out DIR] [--set KEY=VALUE ...]
 
 e.g. ``python -m bench.base --set model.embedded.sft_dtype=bfloat16`` (the float32 / bf16
-comparison of the base; about 9x slower on a CPU without native bf16).
+comparison of the base; about 10x slower on a CPU without native bf16).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ Runs ``concise-rl run`` once per seed, each in its own home (own registry, own c
 Writes ``seeds.json`` and ``seeds.md`` to ``--out``: per run, the held-out accuracy and mean
 length of the base, phase 1 and phase 2 at each temperature, phase 2's length cut against
 phase 1 and the paired accuracy change with its 95% CI (the gate's own comparison), and
-whether the run meets the targets; then mean, min and max over runs. Each run's log is kept
+whether the run meets the targets; then mean, min and max over runs; then the first run's
+every set and temperature, as one reference run's full table. Each run's log is kept
 in its home, and the tables are rewritten after every run; run the same command again after
 an interruption and the finished runs are not repeated. A run takes as long as `make demo`.
 
