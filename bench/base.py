@@ -27,7 +27,7 @@ from concise_rl.evaluation.evaluate import evaluate_model
 from concise_rl.grader import Grader
 from concise_rl.tasks.stages import device, evaluation_sets
 from concise_rl.training.embedded import build_embedded_model
-from concise_rl.training.models import load_policy, load_tokenizer
+from concise_rl.training.models import is_embedded, load_policy, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="config changes, as the pipeline's --set: e.g. model.embedded.sft_seed=1")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.changes)
-    if not cfg.model.name_or_path.startswith("embedded:"):
+    if not is_embedded(cfg.model):
         raise SystemExit(f"bench.base: {args.config} trains no embedded base (model.name_or_path is "
                          f"{cfg.model.name_or_path!r}); give a config whose model is 'embedded:NAME'")
     settings = cfg.model.embedded.model_dump()

@@ -33,11 +33,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-
 from concise_rl.config import GateConfig, load_config
-from concise_rl.evaluation.gate import length_reduction_pct
-from concise_rl.evaluation.metrics import paired_difference
+from concise_rl.evaluation.gate import accuracy_comparison, length_reduction_pct
 
 ROOT = Path(__file__).resolve().parents[1]
 # The targets every seed must meet (issue 19): held-out length cut at both temperatures, mean
@@ -145,7 +142,7 @@ PARENT = {"phase1": "base", "phase2": "phase1"}
 def full_table(label: str, summary: dict, gate: GateConfig) -> str:
     """One run's every evaluation: per set, temperature and model, the accuracy with its 95% CI,
     mean length and truncation rate, and against the model it started from the length cut and
-    the paired accuracy change with its CI (computed as the gate computes it, so the gate's
+    the paired accuracy change with its CI (the gate's own ``accuracy_comparison``, so the gate's
     sets show the gate's own figures)."""
     lines = [f"## Every evaluation of run {label}", "",
              "Accuracy with its 95% bootstrap CI; cut and paired change are against the model each "
@@ -162,8 +159,7 @@ def full_table(label: str, summary: dict, gate: GateConfig) -> str:
                 if model in PARENT:
                     parent = models[PARENT[model]]["eval"][set_name][t]
                     cut = f"{length_reduction_pct(m['mean_length'], parent['mean_length']):.1f}%"
-                    diff = paired_difference(np.array(m["per_problem"]), np.array(parent["per_problem"]),
-                                             n_boot=gate.bootstrap_samples, alpha=1 - gate.confidence, seed=gate.seed)
+                    diff = accuracy_comparison(m, parent, gate, f"run {label}, {set_name}@T={t}, {model}")
                     d_low, d_high = (100 * x for x in diff["ci"])
                     change = f"{100 * diff['difference']:+.1f} [{d_low:+.1f}, {d_high:+.1f}]"
                 accuracy = f"{100 * m['accuracy']:.1f}% [{low:.1f}, {high:.1f}]"
