@@ -7,6 +7,9 @@ Runs ``concise-rl run`` once per seed, each in its own home (own registry, own c
 - one run per further RL seed (``ppo.seed``) from the base of the first SFT seed, whose
   built model folder is copied into the new home, so only RL differs.
 
+Every base is built, never copied from training/prebuilt/ (``model.embedded.use_prebuilt=false``),
+and seeds.md says whether the first SFT seed's base is the shipped one to the bit.
+
 Writes ``seeds.json`` and ``seeds.md`` to ``--out``: per run, the held-out accuracy and mean
 length of the base, phase 1 and phase 2 at each temperature, phase 2's length cut against
 phase 1 and the paired accuracy change with its 95% CI (the gate's own comparison), and
@@ -128,6 +131,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Seeds: {meta['config']} on the {meta['set']} set", "",
              f"{meta['date']}, {meta['cpu']} ({meta['cores']} cores), Python {meta['python']}, "
              f"torch {meta['torch']}, transformers {meta['transformers']}; `{meta['command']}`.", "",
+             *([meta["shipped_base"], ""] if meta.get("shipped_base") else []),
              "Accuracy and mean length (tokens) of each model; the cut and the paired accuracy change are "
              f"phase 2 against phase 1, as the gate compares them. Targets: {TARGETS}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -197,8 +201,9 @@ def main(argv: list[str] | None = None) -> None:
                 if not (home / "models" / folder.name).exists():
                     shutil.copytree(folder, home / "models" / folder.name)
         print(f"[{datetime.now(UTC):%H:%M:%S}] {label}: running in {home}", flush=True)
-        code, seconds = run_pipeline(args.config, home, [*args.changes, f"model.embedded.sft_seed={sft}",
-                                                          f"ppo.seed={rl}"])
+        # Every base is built here, never copied from training/prebuilt/: the table is about the SFT recipe.
+        code, seconds = run_pipeline(args.config, home, [*args.changes, "model.embedded.use_prebuilt=false",
+                                                          f"model.embedded.sft_seed={sft}", f"ppo.seed={rl}"])
         if code not in (0, 3):
             raise SystemExit(f"bench.seeds: run {label} failed with exit code {code}; see {home / 'run.log'}")
         summary = json.loads((home / "reports" / "latest" / "summary.json").read_text())
@@ -207,18 +212,35 @@ def main(argv: list[str] | None = None) -> None:
             full = full_table(label, summary, load_config(args.config, args.changes).gate)
         print(f"[{datetime.now(UTC):%H:%M:%S}] {label}: done in {seconds / 60:.1f} min, "
               f"targets {'met' if rows[-1]['meets_targets'] else 'missed'}", flush=True)
-        table = write_tables(args, rows, argv, full)  # after every run: a stopped bench keeps what it measured
+        # after every run: a stopped bench keeps what it measured
+        table = write_tables(args, rows, argv, full, shipped_check(first_home))
     print(table)
 
 
-def write_tables(args: argparse.Namespace, rows: list[dict], argv: list[str] | None, full: str = "") -> str:
+def shipped_check(home: Path) -> str:
+    """Whether the base built in ``home`` is, file for file, the one shipped in training/prebuilt/."""
+    from concise_rl.training import prebuilt
+
+    shipped = prebuilt.manifest()
+    for folder in sorted((home / "models").glob("embedded-*")):
+        if folder.name in shipped:
+            same = prebuilt.file_hashes(folder) == shipped[folder.name]["files"]
+            return (f"The base built in {home.name} {'is' if same else 'is NOT'} the base shipped in "
+                    f"training/prebuilt/{folder.name} (sha256 of every file).")
+    return "No base built here has a shipped counterpart in training/prebuilt/ (another config or build code)."
+
+
+def write_tables(args: argparse.Namespace, rows: list[dict], argv: list[str] | None, full: str = "",
+                 shipped: str = "") -> str:
     import torch
     import transformers
 
     meta = {"config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
             "set": args.eval_set, "date": f"{datetime.now(UTC):%Y-%m-%d}", "cpu": cpu_model(),
             "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "command": "python -m bench.seeds " + " ".join(argv or sys.argv[1:])}
+            "transformers": transformers.__version__,
+            "command": "python -m bench.seeds " + " ".join(argv or sys.argv[1:]),
+            "shipped_base": shipped}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seeds.json").write_text(json.dumps({"meta": meta, "targets": TARGETS, "runs": rows}, indent=2))
     table = markdown(rows, meta) + ("\n" + full if full else "")

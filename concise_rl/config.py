@@ -50,6 +50,12 @@ class EmbeddedModelConfig(_Strict):
         "slower on a CPU without native bf16)",
     )
     sft_seed: int = Field(0, description="seed of the base's SFT: its data draw, initialisation and batch order")
+    # Where the base comes from, not what it is: left out of the base's name (training/models.py).
+    use_prebuilt: bool = Field(
+        True,
+        description="copy the base shipped in training/prebuilt/ when one of this exact config and build code is "
+        "there (the demo's), instead of building it; false always builds",
+    )
 
 
 class ModelConfig(_Strict):

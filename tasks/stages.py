@@ -40,6 +40,7 @@ from concise_rl.synthetic import generate_problems
 from concise_rl.tasks import publish, tracking
 from concise_rl.tasks.model_uri import local_model_dir
 from concise_rl.training import curation as curation_lib
+from concise_rl.training import prebuilt
 from concise_rl.training.embedded import build_embedded_model
 from concise_rl.training.guards import STOP_FILE, read_stop
 from concise_rl.training.models import check_model_path, embedded_dir, is_embedded, load_policy, load_tokenizer
@@ -132,7 +133,10 @@ def prepare_base(cfg: PipelineConfig) -> dict[str, str]:
         return _version_info(existing)
     with _stage_run(cfg, "base"):
         if is_embedded(cfg.model):
-            model_dir = build_embedded_model(embedded_dir(cfg.model), cfg.model.embedded, cfg.prompt)
+            target = embedded_dir(cfg.model)
+            if cfg.model.embedded.use_prebuilt:
+                prebuilt.install(target)  # the demo's base, shipped in training/prebuilt/
+            model_dir = build_embedded_model(target, cfg.model.embedded, cfg.prompt)  # a no-op once there
             # An SFT in bf16 (model.embedded.sft_dtype) leaves accelerate's process-wide
             # AcceleratorState at mixed_precision="bf16": every later Accelerator() in this process
             # (PPO in `concise-rl run`) would inherit it and train under bf16 autocast. accelerate

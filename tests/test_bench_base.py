@@ -36,6 +36,22 @@ def test_base_bench_builds_once_per_setting_and_evaluates_every_set(tmp_path: Pa
     assert again["accuracy_length"] == line["accuracy_length"], "the evaluation is seeded"
     other = json.loads(bench_base(tmp_path, "model.embedded.sft_seed=5").stdout.strip().splitlines()[-1])
     assert other["model"] != line["model"]
+    assert line["matches_shipped"] is None and not line["shipped"], "no base of this config is shipped"
+
+
+def test_base_bench_ships_the_base_it_built_and_compares_with_it(tmp_path: Path) -> None:
+    shipped = tmp_path / "prebuilt"
+    done = bench_base(tmp_path / "out", "model.embedded.sft_seed=4", "--prebuilt", str(shipped), "--ship")
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["shipped"] and line["matches_shipped"] is True
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    assert list(manifest) == [line["name"]] and line["name"].startswith("embedded-demo-")
+    built = manifest[line["name"]]["built"]
+    assert built["command"].startswith("python -m bench.base --ship --set") and built["cpu"]
+    again = json.loads(bench_base(tmp_path / "out", "model.embedded.sft_seed=4", "--prebuilt", str(shipped))
+                       .stdout.strip().splitlines()[-1])
+    assert again["matches_shipped"] is True and not again["shipped"]
 
 
 def test_base_bench_refuses_a_config_without_an_embedded_base(tmp_path: Path) -> None:

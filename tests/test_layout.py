@@ -194,7 +194,12 @@ def test_the_wheel_installs_every_layer_under_concise_rl(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"concise_rl"}
+    # Besides the sources, the one data folder: the demo's shipped base (training/prebuilt.py).
+    data = {p.relative_to(ROOT / "training").as_posix() for p in (ROOT / "training" / "prebuilt").rglob("*")
+            if p.is_file()}
+    assert "prebuilt/manifest.json" in data
     for folder, package in LAYER_DIRS.items():
         sources = {p.relative_to(ROOT / folder).as_posix() for p in (ROOT / folder).rglob("*.py")}
+        sources |= data if folder == "training" else set()
         assert {n.removeprefix(package.replace(".", "/") + "/") for n in names
                 if n.startswith(package.replace(".", "/") + "/")} == sources, folder

@@ -37,7 +37,7 @@ def _embedded_code_hash() -> str:
 def embedded_dir(cfg: ModelConfig) -> Path:
     """Where the embedded model of this shape and recipe lives (built there when absent)."""
     name = cfg.name_or_path[len(EMBEDDED_PREFIX) :] or "demo"
-    key = stable_hash({"config": cfg.embedded.model_dump(), "code": _embedded_code_hash()})
+    key = stable_hash({"config": cfg.embedded.model_dump(exclude={"use_prebuilt"}), "code": _embedded_code_hash()})
     return paths.models() / f"embedded-{name}-{key}"
 
 
