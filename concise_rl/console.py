@@ -68,11 +68,11 @@ def _figures_text(figures: dict) -> str:
     for bench, temps in figures.items():
         for t, f in temps.items():
             parts = [f"{bench} T={t}:"]
-            if "accuracy" in f:
-                parts.append(f"acc {100 * f['accuracy']:.1f}%")
-            if {"accuracy_diff", "accuracy_diff_ci_low", "accuracy_diff_ci_high"} <= set(f):
-                parts.append(f"({100 * f['accuracy_diff']:+.1f} [{100 * f['accuracy_diff_ci_low']:+.1f}, "
-                             f"{100 * f['accuracy_diff_ci_high']:+.1f}])")
+            if "accuracy_pct" in f:
+                parts.append(f"acc {f['accuracy_pct']:.1f}%")
+            if {"accuracy_change_pts", "accuracy_change_ci_low_pts", "accuracy_change_ci_high_pts"} <= set(f):
+                parts.append(f"({f['accuracy_change_pts']:+.1f} [{f['accuracy_change_ci_low_pts']:+.1f}, "
+                             f"{f['accuracy_change_ci_high_pts']:+.1f}])")
             if "mean_length" in f:
                 parts.append(f"len {f['mean_length']:.1f}")
             if "length_reduction_pct" in f:
@@ -94,6 +94,12 @@ def print_versions(title: str, rows: list[dict]) -> None:
                                     r["created"].replace("T", " ").rstrip("Z"), gate, _figures_text(r["eval"]))))
     # Piped into a file or a CI log, rich would fold the table to 80 columns; give it room instead.
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+    champion = next((r for r in rows if "champion" in r["aliases"]), None)
+    if champion is not None:
+        name = champion["uri"].split("/")[1]
+        print(f"serve the champion (v{champion['version']}): mlflow models serve -m models:/{name}@champion "
+              "--env-manager local --port 5001, then POST a chat request to http://127.0.0.1:5001/invocations "
+              "(docs/serving.md; vLLM or TGI serve its model/ folder)")
 
 
 def print_grading(report: GradeReport, output: str, label_field: str | None) -> None:

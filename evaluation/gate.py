@@ -65,6 +65,15 @@ def accuracy_comparison(candidate: dict, parent: dict, cfg: GateConfig, where: s
     )
 
 
+def criterion_text(c: dict) -> tuple[str, str, str]:
+    """One criterion of a verdict as every table shows it: (value, threshold, paired change), accuracy
+    in points and length cut in percent (the verdict itself keeps fractions and percent)."""
+    if "ci" in c:  # the value is the CI's lower bound of the paired accuracy change
+        change = f"{100 * c['difference']:+.1f} [{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] pts, n={c['n']}"
+        return f"{100 * c['value']:+.1f} pts", f"{100 * c['threshold']:+.1f} pts", change
+    return f"{c['value']:.1f}%", f"{c['threshold']:.1f}%", ""
+
+
 def evaluate_gate(candidate: dict, parent: dict, cfg: GateConfig) -> dict:
     """The verdict with every criterion, its value, threshold and result."""
     criteria = []

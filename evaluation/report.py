@@ -13,6 +13,7 @@ from pathlib import Path
 
 import matplotlib
 
+from concise_rl.evaluation.gate import criterion_text
 from concise_rl.evaluation.metrics import macro_average
 from concise_rl.evaluation.plots import save_figure
 
@@ -67,12 +68,10 @@ def report_markdown(results: dict[str, dict], comparisons: dict[str, dict] | Non
 
 
 def gate_table(verdict: dict) -> list[str]:
-    lines = ["| criterion | value | threshold | passed |", "|---|---|---|---|"]
+    lines = ["| criterion | value | threshold | passed | change [95% CI] |", "|---|---|---|---|---|"]
     for c in verdict["criteria"]:
-        value = f"{c['value']:.4g}"
-        if "ci" in c:
-            value += f" (difference {c['difference']:+.4f}, CI [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}], n={c['n']})"
-        lines.append(f"| {c['name']} | {value} | {c['threshold']:g} | {'yes' if c['passed'] else 'NO'} |")
+        value, threshold, change = criterion_text(c)
+        lines.append(f"| {c['name']} | {value} | {threshold} | {'yes' if c['passed'] else 'NO'} | {change} |")
     return lines
 
 

@@ -269,7 +269,7 @@ def _evaluate_start(cfg: PipelineConfig, start_dir: str, heldout: list[Problem],
 def _log_eval(name: str, evals: dict[str, dict], start_eval: dict[str, dict]) -> None:
     metrics = {}
     for t, m in evals.items():
-        metrics[f"{name}.heldout.T{t}.accuracy"] = m["accuracy"]
+        metrics[f"{name}.heldout.T{t}.accuracy_pct"] = 100 * m["accuracy"]
         metrics[f"{name}.heldout.T{t}.mean_length"] = m["mean_length"]
         metrics[f"{name}.heldout.T{t}.length_reduction_pct"] = length_reduction_pct(
             m["mean_length"], start_eval[t]["mean_length"])

@@ -15,6 +15,8 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
 
+from concise_rl.evaluation.gate import criterion_text
+
 
 def _in_prefect_run() -> bool:
     try:
@@ -65,18 +67,15 @@ def image(key: str, path: Path, description: str) -> bool:
 
 
 def gate_rows(verdict: dict) -> list[dict]:
-    """The gate verdict as a table: one row per criterion, the paired ones with their difference and CI."""
+    """The gate verdict as a table: one row per criterion, accuracy in points and length cut in percent
+    (evaluation.gate.criterion_text), the paired ones with their change and CI."""
     rows = []
     for c in verdict["criteria"]:
-        ci = c.get("ci")
-        rows.append({
-            "criterion": c["name"], "value": _clean(c["value"]), "threshold": c["threshold"],
-            "passed": bool(c["passed"]), "difference": _clean(c.get("difference")),
-            "ci_low": None if ci is None else _clean(ci[0]), "ci_high": None if ci is None else _clean(ci[1]),
-            "n": c.get("n"),
-        })
-    rows.append({"criterion": "VERDICT", "value": None, "threshold": None, "passed": bool(verdict["passed"]),
-                 "difference": None, "ci_low": None, "ci_high": None, "n": None})
+        value, threshold, change = criterion_text(c)
+        rows.append({"criterion": c["name"], "value": value, "threshold": threshold, "passed": bool(c["passed"]),
+                     "change [95% CI]": change})
+    rows.append({"criterion": "VERDICT", "value": "", "threshold": "", "passed": bool(verdict["passed"]),
+                 "change [95% CI]": ""})
     return rows
 
 

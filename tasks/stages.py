@@ -37,7 +37,7 @@ from concise_rl.grader import Grader
 from concise_rl.mirror import CheckpointMirror, finish_uploads
 from concise_rl.problems import Problem, load_hf_dataset, load_problems, problems_hash, save_problems
 from concise_rl.synthetic import generate_problems
-from concise_rl.tasks import publish, tracking
+from concise_rl.tasks import model_card, publish, tracking
 from concise_rl.tasks.model_uri import local_model_dir
 from concise_rl.training import curation as curation_lib
 from concise_rl.training import prebuilt
@@ -423,7 +423,7 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
             results[label] = {"version": info["version"], "uri": info["uri"], "eval": summary}
             for bench, temps in {**summary, "macro": macro_average(summary)}.items():
                 for t, m in temps.items():
-                    tracking.log_metrics({f"{label}.{bench}.T{t}.accuracy": m["accuracy"],
+                    tracking.log_metrics({f"{label}.{bench}.T{t}.accuracy_pct": 100 * m["accuracy"],
                                           f"{label}.{bench}.T{t}.mean_length": m["mean_length"]})
             mlflow.log_artifacts(str(out), artifact_path=f"evaluations/{label}")
             uploaded = store.upload_dir(out, store.uri("evaluations", out.name))
@@ -449,26 +449,33 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
 def eval_tags(candidate_eval: dict, reductions: dict, verdict: dict) -> dict[str, str]:
     """The figures a promoted version records, per set and temperature, as ``eval.<set>.T<t>.<figure>`` tags.
 
-    ``accuracy``, ``mean_length`` and ``length_reduction_pct`` (against the parent)
-    for every evaluated set; where the gate compared the set, also the paired
-    accuracy change against the parent (``accuracy_diff``, in [-1, 1]) and its CI
-    (``accuracy_diff_ci_low``/``_high``), as the gate verdict has them.
+    In percent and points, as every table shows them: ``accuracy_pct``, ``mean_length``
+    (tokens) and ``length_reduction_pct`` (against the parent) for every evaluated set; where
+    the gate compared the set, also the paired accuracy change against the parent in points
+    (``accuracy_change_pts``) and its 95% CI (``accuracy_change_ci_low_pts``/``_high_pts``).
     """
     paired = {c["name"].split(" accuracy change,")[0]: c for c in verdict["criteria"] if "ci" in c}
     tags: dict[str, str] = {}
     for bench, temps in candidate_eval.items():
         for t, m in temps.items():
             prefix = f"eval.{bench}.T{t}"
-            tags[f"{prefix}.accuracy"] = f"{m['accuracy']:.4f}"
+            tags[f"{prefix}.accuracy_pct"] = f"{100 * m['accuracy']:.2f}"
             tags[f"{prefix}.mean_length"] = f"{m['mean_length']:.1f}"
             if t in reductions.get(bench, {}):
                 tags[f"{prefix}.length_reduction_pct"] = f"{reductions[bench][t]:.2f}"
             criterion = paired.get(f"{bench}@T={t}")
             if criterion is not None:
-                tags[f"{prefix}.accuracy_diff"] = f"{criterion['difference']:.4f}"
-                tags[f"{prefix}.accuracy_diff_ci_low"] = f"{criterion['ci'][0]:.4f}"
-                tags[f"{prefix}.accuracy_diff_ci_high"] = f"{criterion['ci'][1]:.4f}"
+                tags[f"{prefix}.accuracy_change_pts"] = f"{100 * criterion['difference']:.2f}"
+                tags[f"{prefix}.accuracy_change_ci_low_pts"] = f"{100 * criterion['ci'][0]:.2f}"
+                tags[f"{prefix}.accuracy_change_ci_high_pts"] = f"{100 * criterion['ci'][1]:.2f}"
     return tags
+
+
+def gate_metrics(tags: dict[str, str], verdict: dict) -> dict[str, float]:
+    """The gate's figures as metrics of the promoting run (MLflow metric names allow no '=' or '@'):
+    every ``eval.*`` tag of :func:`eval_tags` as a number, and whether the gate passed."""
+    metrics = {f"gate.{key.removeprefix('eval.')}": float(value) for key, value in tags.items()}
+    return {**metrics, "gate_passed": float(verdict["passed"])}
 
 
 def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "phase1") -> dict:
@@ -487,8 +494,9 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
     with _stage_run(cfg, "promote", candidate_version=candidate["version"]) as run:
         version = candidate["version"]
         client.set_model_version_tag(name, version, "gate", "passed" if verdict["passed"] else "failed")
+        recorded = eval_tags(candidate["eval"], reductions, verdict)
         if verdict["passed"]:
-            for key, value in eval_tags(candidate["eval"], reductions, verdict).items():
+            for key, value in recorded.items():
                 client.set_model_version_tag(name, version, key, value)
             client.set_registered_model_alias(name, "champion", version)
         else:
@@ -504,7 +512,8 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
             "gate": verdict,
             "git_sha": _RUN_TAGS.get().get("git_sha"),
         }
-        tracking.log_metrics({"gate_passed": float(verdict["passed"])})
+        tracking.log_metrics(gate_metrics(recorded, verdict))
+        _write_model_cards(cfg, client, results, parent_label, verdict)
         mlflow.log_dict(summary, "summary.json")
         report_dir = paths.reports() / time.strftime("%Y%m%d-%H%M%S")
         atomic_write_json(report_dir / "summary.json", summary)
@@ -523,6 +532,21 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
     for figure in figures:
         publish.image(f"plot-{figure.stem}", latest / figure.name, f"{figure.name} (MLflow run {run.info.run_id})")
     return summary
+
+
+def _write_model_cards(cfg: PipelineConfig, client, results: dict[str, dict], parent_label: str, verdict: dict) -> None:
+    """Rewrite each evaluated version's model card with its evaluation against its parent (and, for the
+    candidate, the gate's verdict): its README.md files and its description in the registry."""
+    parents = {"phase1": "base", "phase2": parent_label}
+    for label, info in results.items():
+        if info["version"] == "local":
+            continue
+        version = client.get_model_version(cfg.registry.model_name, info["version"])
+        parent = results.get(parents.get(label, ""))
+        card = model_card.render(cfg, version.tags, version=info["version"], evaluation=info["eval"],
+                                 parent_evaluation=parent["eval"] if parent else None,
+                                 verdict=verdict if label == "phase2" else None)
+        tracking.update_model_card(client, cfg, version, card)
 
 
 def _refuse_stopped_runs(client, name: str, results: dict[str, dict]) -> None:

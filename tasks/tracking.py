@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -263,21 +264,49 @@ def register_model_dir(
     client: MlflowClient, cfg: PipelineConfig, model_dir: Path, *, phase: str, parent_version: str | None,
     problems_hash: str | None, checkpoint_uri: str, tags: dict[str, str],
 ) -> ModelVersion:
-    """Upload a Hugging Face model folder as run artifacts and register it as a new version.
+    """Log a Hugging Face model folder as an MLflow Model (tasks/mlflow_model.py) with its model card,
+    and register it as a new version whose description is that card.
 
     Must be called inside a stage run, after the checkpoint is committed to the
     artifact store at ``checkpoint_uri``; the version's source is the run's artifact.
     """
+    from concise_rl.tasks import mlflow_model, model_card
+
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("register_model_dir needs an active MLflow run (use stage_run)")
-    mlflow.log_artifacts(str(model_dir), artifact_path="model")
-    ensure_registered_model(client, cfg.registry.model_name)
     all_tags = {**lineage_tags(cfg, phase=phase, parent_version=parent_version, problems_hash=problems_hash,
                                checkpoint_uri=checkpoint_uri), **tags}
-    return client.create_model_version(
-        cfg.registry.model_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=all_tags
+    card = model_card.render(cfg, all_tags)
+    # On the home's disk, not /tmp: the MLflow Model holds a second copy of the weights.
+    scratch = paths.home() / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="mlflow-model-") as tmp:
+        mlflow_model.save(model_dir, Path(tmp) / "model", cfg, card)
+        mlflow.log_artifacts(str(Path(tmp) / "model"), artifact_path="model")
+    ensure_registered_model(client, cfg.registry.model_name)
+    version = client.create_model_version(
+        cfg.registry.model_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=all_tags,
+        description=card,
     )
+    return version
+
+
+def update_model_card(client: MlflowClient, cfg: PipelineConfig, version: ModelVersion, card: str) -> None:
+    """Replace a registered version's model card: its description and its README.md files."""
+    from concise_rl.tasks import mlflow_model
+
+    client.update_model_version(version.name, version.version, description=card)
+    if not version.run_id:
+        return
+    scratch = paths.home() / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="model-card-") as tmp:
+        for name, folder in ((mlflow_model.CARD, "model"), (mlflow_model.CARD, f"model/{mlflow_model.HF_SUBDIR}"),
+                             (mlflow_model.MLFLOW_CARD, "model")):
+            card_file = Path(tmp) / name
+            card_file.write_text(card, encoding="utf-8")
+            client.log_artifact(version.run_id, str(card_file), artifact_path=folder)
 
 
 def find_version(client: MlflowClient, name: str, **tags: str) -> ModelVersion | None:
@@ -316,13 +345,15 @@ def resolve_model_uri(uri: str) -> str:
         return uri
     registry = MODEL_URI.match(uri)
     pinned = registry is not None and registry["version"] is not None
+    from concise_rl.tasks.mlflow_model import hf_folder  # a version is an MLflow Model: its model/ folder
+
     if not is_server(mlflow.get_tracking_uri()) or not (pinned or uri.startswith("runs:/")):
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        return str(hf_folder(mlflow.artifacts.download_artifacts(artifact_uri=uri)))
     digest = hashlib.sha256(f"{mlflow.get_tracking_uri()} {uri}".encode()).hexdigest()[:16]
     target = paths.home() / "downloads" / digest
     marker = target.with_name(f"{digest}.complete")  # written last: the folder is whole
     if marker.is_file() and target.is_dir():
-        return str(target)
+        return str(hf_folder(target))
     tmp = target.with_name(f"{digest}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -335,13 +366,17 @@ def resolve_model_uri(uri: str) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     marker.write_text(uri + "\n")
     log.info("downloaded %s to %s", uri, target)
-    return str(target)
+    return str(hf_folder(target))
 
 
 def model_uri(name: str, version: str) -> str:
     return f"models:/{name}/{version}"
 
 
+# Tags of versions promoted before 2026-12-07 held fractions; read as the percent / points tags.
+_LEGACY_FRACTIONS = {"accuracy": "accuracy_pct", "accuracy_diff": "accuracy_change_pts",
+                     "accuracy_diff_ci_low": "accuracy_change_ci_low_pts",
+                     "accuracy_diff_ci_high": "accuracy_change_ci_high_pts"}
 _EVAL_TAG = re.compile(r"^eval\.(?P<set>.+?)\.T(?P<t>\d+(?:\.\d+)?)\.(?P<figure>[a-z_]+)$")
 
 
@@ -358,8 +393,8 @@ def describe_versions(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """Every version of the config's registered model, oldest first: aliases, lineage, gate verdict and recorded figures.
 
     ``eval`` holds the ``eval.<set>.T<t>.<figure>`` tags a promoted version carries
-    (accuracy, mean_length, length_reduction_pct, accuracy_diff and its CI) as floats,
-    by set and temperature. Raises LookupError when the model is not registered.
+    (accuracy_pct, mean_length, length_reduction_pct, accuracy_change_pts and its CI) as
+    floats, by set and temperature. Raises LookupError when the model is not registered.
     """
     client, name = read_client(cfg), cfg.registry.model_name
     try:
@@ -380,7 +415,10 @@ def describe_versions(cfg: PipelineConfig) -> list[dict[str, Any]]:
                     number = float(value)
                 except ValueError:
                     continue
-                figures.setdefault(match["set"], {}).setdefault(match["t"], {})[match["figure"]] = number
+                figure = match["figure"]
+                if figure in _LEGACY_FRACTIONS:  # a version promoted before the tags were in percent
+                    figure, number = _LEGACY_FRACTIONS[figure], 100 * number
+                figures.setdefault(match["set"], {}).setdefault(match["t"], {})[figure] = number
         created = datetime.fromtimestamp(v.creation_timestamp / 1000, tz=UTC)
         rows.append({
             "version": str(v.version), "uri": model_uri(name, v.version),

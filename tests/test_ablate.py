@@ -269,8 +269,8 @@ def test_small_ablation_end_to_end(tmp_path: Path) -> None:
     experiment = client.get_experiment_by_name("ablate-test")
     [run] = client.search_runs([experiment.experiment_id], "tags.stage = 'ablate'")
     assert run.data.params["ablate.variants"] == ",".join(names)
-    assert run.data.metrics["grpo-dr_grpo.heldout.T0.0.accuracy"] == pytest.approx(
-        by_name["grpo-dr_grpo"]["eval"]["0.0"]["accuracy"])
+    assert run.data.metrics["grpo-dr_grpo.heldout.T0.0.accuracy_pct"] == pytest.approx(
+        100 * by_name["grpo-dr_grpo"]["eval"]["0.0"]["accuracy"])
     assert {f.path for f in client.list_artifacts(run.info.run_id, "ablation")} == {
         "ablation/ablation.md", "ablation/ablation.json", "ablation/ablation.png"}
 

@@ -104,8 +104,10 @@ def test_compare_prints_the_gate_verdict_and_exits_3_on_failure(tiny_model_dir, 
     code, out, err = run_cli(args, tmp_path / "home")
     assert code == 3, err
     assert "FAILED" in out
-    assert "| heldout@T=0.0 accuracy change, 95% CI lower bound | 0 (difference +0.0000, CI [+0.0000, +0.0000]" in out
-    assert "| heldout@T=0.0 length reduction % | 0 | 20 | NO |" in out
+    # In points and percent, as every table shows them.
+    assert ("| heldout@T=0.0 accuracy change, 95% CI lower bound | +0.0 pts | -3.0 pts | yes "
+            "| +0.0 [+0.0, +0.0] pts, n=6 |") in out
+    assert "| heldout@T=0.0 length reduction % | 0.0% | 20.0% | NO |  |" in out
     # Two local folders are two models: each has its own cached evaluation.
     assert len(list((tmp_path / "home").glob("evaluations/local-*"))) == 2
     code, out, err = run_cli([*args, "--set", "gate.min_length_reduction_pct=0"], tmp_path / "home")

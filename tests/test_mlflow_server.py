@@ -146,30 +146,41 @@ def test_registration_through_an_mlflow_server_with_s3_artifacts(servers, tmp_pa
     assert versions["2"].tags["checkpoint_uri"].startswith((mlflow_home / "store").as_uri())
     assert client.get_model_version_by_alias(name, "phase1").version == "2"
 
-    # The model files landed in the bucket, byte for byte, under each version's run.
+    # Each version is an MLflow Model in the bucket, under its run: MLmodel at the top and the
+    # model files in model/, byte for byte, with the model card next to them.
     objects = bucket_objects(s3)
     for v, src in (("1", tiny_model_dir), ("2", final)):
         run = versions[v].run_id
         stored = {key.split("/artifacts/model/", 1)[1]: data for key, data in objects.items()
                   if f"/{run}/artifacts/model/" in key}
+        assert {"MLmodel", "README.md", "requirements.txt", "input_example.json"} <= set(stored), sorted(stored)
+        hf = {name.removeprefix("model/"): data for name, data in stored.items()
+              if name.startswith("model/") and name != "model/README.md"}
         expected = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
-        assert stored == expected, f"version {v}: bucket holds {sorted(stored)}"
+        assert hf == expected, f"version {v}: bucket holds {sorted(stored)}"
+        assert stored["model/README.md"] == stored["README.md"] and b"## Lineage" in stored["README.md"]
+        assert versions[v].description == stored["README.md"].decode()
 
     # Nothing was written to a local MLflow store: no sqlite file, no local artifact folder.
     assert not (mlflow_home / "mlflow.db").exists() and not (mlflow_home / "mlartifacts").exists()
 
-    # models:/ URIs download back through the server, identical to what was registered. A pinned
-    # version is fetched once into the home's downloads/ and the same folder is returned after that
-    # (training keys its checkpoints on it); an alias moves, so it is fetched afresh.
+    # models:/ URIs download back through the server, identical to what was registered: the
+    # Hugging Face folder (model/) of the MLflow Model, with its card. A pinned version is fetched
+    # once into the home's downloads/ and the same folder is returned after that (training keys its
+    # checkpoints on it); an alias moves, so it is fetched afresh.
+    def same_model(src: Path, folder: Path) -> bool:
+        return (folder / "README.md").is_file() and same_tree(src, folder, ignore=("README.md",))
+
     pinned = Path(tracking.resolve_model_uri(phase1["uri"]))
-    assert same_tree(final, pinned)
-    assert pinned.parent == mlflow_home / "downloads" and (pinned.parent / f"{pinned.name}.complete").is_file()
+    assert pinned.name == "model" and (pinned.parent / "MLmodel").is_file() and same_model(final, pinned)
+    download = pinned.parent
+    assert download.parent == mlflow_home / "downloads" and (download.parent / f"{download.name}.complete").is_file()
     (pinned / "config.json").write_text("{}")  # a second call must not download again
     assert Path(tracking.resolve_model_uri(phase1["uri"])) == pinned and (pinned / "config.json").read_text() == "{}"
-    shutil.rmtree(pinned)  # a marker without its folder is not trusted
-    assert same_tree(final, Path(tracking.resolve_model_uri(phase1["uri"])))
+    shutil.rmtree(download)  # a marker without its folder is not trusted
+    assert same_model(final, Path(tracking.resolve_model_uri(phase1["uri"])))
     by_alias = Path(tracking.resolve_model_uri(f"models:/{name}@base"))
-    assert same_tree(tiny_model_dir, by_alias) and by_alias.parent != mlflow_home / "downloads"
+    assert same_model(tiny_model_dir, by_alias) and by_alias.parent.parent != mlflow_home / "downloads"
 
     # Registering again finds the version on the server; nothing new.
     assert stages.register(cfg, "phase1", str(final), base) == phase1

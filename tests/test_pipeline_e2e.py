@@ -138,8 +138,8 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path, prefect_a
     assert list((home / "store" / "evaluations" / "reports").glob(f"*/{MANIFEST}"))
     promoted = v["3"].tags
     assert promoted["gate"] == "passed"
-    assert float(promoted["eval.heldout.T0.0.accuracy"]) == pytest.approx(
-        summary["models"]["phase2"]["eval"]["heldout"]["0.0"]["accuracy"], abs=1e-4)
+    assert float(promoted["eval.heldout.T0.0.accuracy_pct"]) == pytest.approx(
+        100 * summary["models"]["phase2"]["eval"]["heldout"]["0.0"]["accuracy"], abs=0.01)
     assert "eval.heldout.T0.6.length_reduction_pct" in promoted
 
     for phase in ("phase1", "phase2"):

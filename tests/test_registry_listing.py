@@ -68,12 +68,12 @@ def test_models_lists_versions_aliases_lineage_and_promoted_figures(tmp_path, ti
     criteria = {c["name"].split(" accuracy change,")[0]: c for c in summary["gate"]["criteria"] if "ci" in c}
     for t, f in figures["heldout"].items():
         evaluated = summary["models"]["phase2"]["eval"]["heldout"][t]
-        assert f["accuracy"] == pytest.approx(evaluated["accuracy"], abs=1e-4)
+        assert f["accuracy_pct"] == pytest.approx(100 * evaluated["accuracy"], abs=0.01)
         assert f["mean_length"] == pytest.approx(evaluated["mean_length"], abs=0.05)
         assert f["length_reduction_pct"] == pytest.approx(summary["length_reduction_pct"]["heldout"][t], abs=0.005)
         gate = criteria[f"heldout@T={t}"]
-        assert (f["accuracy_diff"], f["accuracy_diff_ci_low"], f["accuracy_diff_ci_high"]) == pytest.approx(
-            (gate["difference"], *gate["ci"]), abs=1e-4)
+        assert (f["accuracy_change_pts"], f["accuracy_change_ci_low_pts"], f["accuracy_change_ci_high_pts"]) == \
+            pytest.approx(tuple(100 * x for x in (gate["difference"], *gate["ci"])), abs=0.01)
 
     # The table: one row per version, the figures of the promoted one on it, each on one line
     # although the output is not a terminal (rich would fold it to 80 columns there).
@@ -82,10 +82,11 @@ def test_models_lists_versions_aliases_lineage_and_promoted_figures(tmp_path, ti
     assert code == 0
     assert "candidate, champion" in out and "passed" in out
     for t in ("0.0", "0.6"):
-        acc = 100 * figures["heldout"][t]["accuracy"]
+        acc = figures["heldout"][t]["accuracy_pct"]
         assert f"heldout T={t}: acc {acc:.1f}%" in out
     assert "cut " in out and "len " in out
     assert "len: mean response length (tokens)" in out, "the caption says what the figures are"
+    assert "serve the champion (v3): mlflow models serve -m models:/concise-rl-demo@champion --env-manager local" in out
 
     # A model that is not registered: bad input, exit 2, the store named.
     code, _, err = models_cli(capsys, [*sets, "registry.model_name=nothing-here"])
@@ -123,3 +124,69 @@ def test_models_help_names_its_options(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--help"])
     assert "models     list the registered versions" in capsys.readouterr().out
+
+
+def test_promote_writes_each_versions_model_card_and_logs_the_gate_figures(tmp_path, tiny_model_dir, mlflow_home):
+    """The card (README.md in the MLflow Model, in its model/ folder, and the version's description)
+    gets the evaluation table in percent once evaluated, the candidate's the gate verdict too; the
+    promoting run has the gate's figures as metrics."""
+    from mlflow import MlflowClient
+
+    from concise_rl.tasks import stages, tracking
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", *SETTINGS])
+    base = stages.prepare_base(cfg)
+    client = tracking.setup(cfg)
+    name = cfg.registry.model_name
+    registered = client.get_model_version(name, base["version"]).description
+    assert "## Lineage" in registered and "Not evaluated yet" in registered
+    phase1 = stages.register(cfg, "phase1", trained_copy(tiny_model_dir, tmp_path / "p1", "rk1"), base)
+    phase2 = stages.register(cfg, "phase2", trained_copy(tiny_model_dir, tmp_path / "p2", "rk2"), phase1)
+    card = client.get_model_version(name, phase2["version"]).description
+    assert "`actor_lr`" in card and "| curated problems (sha256) | `ph` |" in card
+
+    results = stages.evaluate(cfg, {"phase1": phase1, "phase2": phase2})
+    summary = stages.promote(cfg, results)
+    for label, info in (("phase1", phase1), ("phase2", phase2)):
+        version = client.get_model_version(name, info["version"])
+        card = version.description
+        assert card.startswith("---\nlibrary_name: transformers") and f"v{info['version']}" in card
+        for t in ("0.0", "0.6"):
+            m = results[label]["eval"]["heldout"][t]
+            low, high = m["accuracy_ci"]
+            assert f"| heldout | {t} | 4 | {100 * m['accuracy']:.1f}% [{100 * low:.1f}%, {100 * high:.1f}%] |" in card
+        files = {}
+        for folder in ("model", "model/model"):
+            local = client.download_artifacts(version.run_id, f"{folder}/README.md", str(tmp_path / label / folder))
+            files[folder] = Path(local).read_text()
+        assert files["model"] == files["model/model"] == card
+        assert ("## Gate" in card) == (label == "phase2")
+    cut = summary["length_reduction_pct"]["heldout"]["0.6"]
+    assert "| heldout | 0.6 | 4 |" in card and f"{cut:.1f}%" in card and "pts" in card
+
+    [run] = MlflowClient().search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id],
+                                       "tags.stage = 'promote'")
+    metrics = run.data.metrics
+    assert metrics["gate_passed"] == 1.0
+    assert metrics["gate.heldout.T0.6.accuracy_pct"] == pytest.approx(
+        100 * results["phase2"]["eval"]["heldout"]["0.6"]["accuracy"], abs=0.01)
+    assert metrics["gate.heldout.T0.6.length_reduction_pct"] == pytest.approx(cut, abs=0.01)
+    gate = {c["name"].split(" accuracy change,")[0]: c for c in summary["gate"]["criteria"] if "ci" in c}
+    assert metrics["gate.heldout.T0.0.accuracy_change_ci_low_pts"] == pytest.approx(
+        100 * gate["heldout@T=0.0"]["ci"][0], abs=0.01)
+
+
+def test_versions_promoted_with_fraction_tags_are_listed_in_percent(tiny_model_dir, mlflow_home):
+    """Versions promoted before the tags were in percent (accuracy 0.9220) list as the new ones do."""
+    from concise_rl.tasks import stages, tracking
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}"])
+    base = stages.prepare_base(cfg)
+    client = tracking.setup(cfg)
+    for key, value in (("accuracy", "0.9220"), ("accuracy_diff", "-0.0040"), ("accuracy_diff_ci_low", "-0.0160"),
+                       ("accuracy_diff_ci_high", "0.0080"), ("length_reduction_pct", "50.20")):
+        client.set_model_version_tag(cfg.registry.model_name, base["version"], f"eval.heldout.T0.0.{key}", value)
+    [row] = tracking.describe_versions(cfg)
+    assert row["eval"]["heldout"]["0.0"] == pytest.approx({
+        "accuracy_pct": 92.2, "accuracy_change_pts": -0.4, "accuracy_change_ci_low_pts": -1.6,
+        "accuracy_change_ci_high_pts": 0.8, "length_reduction_pct": 50.2})

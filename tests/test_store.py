@@ -134,9 +134,11 @@ def make_checkpoint(root: Path, big_mb: float = 12.0) -> Path:
     return root
 
 
-def same_tree(a: Path, b: Path) -> bool:
+def same_tree(a: Path, b: Path, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether ``b`` holds ``a``'s files, byte for byte (``b``'s store manifest and files named in ``ignore`` aside)."""
     files = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
-    return files == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file() and p.name != MANIFEST) \
+    return files == sorted(p.relative_to(b).as_posix() for p in b.rglob("*")
+                           if p.is_file() and p.name != MANIFEST and p.name not in ignore) \
         and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
 
 
