@@ -363,6 +363,29 @@ class RegistryConfig(_Strict):
     tracking_uri: str | None = Field(None, description="default: sqlite store under CONCISE_RL_HOME")
 
 
+class LaunchConfig(_Strict):
+    """How the flow runs its PPO stages (tasks/launch.py): in its own process, or as an
+    ``accelerate launch`` child job of ``num_processes`` processes (data parallel, or DeepSpeed
+    ZeRO through ``config_file``)."""
+
+    num_processes: int = Field(
+        1, ge=1, description="processes per PPO stage; above 1 the flow runs each as an `accelerate launch` child job"
+    )
+    config_file: str | None = Field(
+        None,
+        description="accelerate config file for the child job (infra/accelerate/cpu.yaml, deepspeed-zero3.yaml, ...); "
+        "its num_processes is overridden by launch.num_processes",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="more `accelerate launch` arguments, e.g. [--num_machines, '2', --machine_rank, '0', "
+        "--main_process_ip, 10.0.0.1, --main_process_port, '29500'] for several nodes (docs/gpu-and-distributed.md)",
+    )
+    stop_grace_s: float = Field(
+        20.0, gt=0, description="seconds the child job gets to exit after SIGTERM (a cancelled flow run) before SIGKILL"
+    )
+
+
 class StoreConfig(_Strict):
     """Where registered checkpoints and evaluation outputs are copied (concise_rl/store.py).
 
@@ -428,6 +451,7 @@ class PipelineConfig(_Strict):
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
     store: StoreConfig = StoreConfig()
+    launch: LaunchConfig = LaunchConfig()
 
     @model_validator(mode="after")
     def _phase_overrides_valid(self) -> PipelineConfig:
@@ -458,9 +482,10 @@ class PipelineConfig(_Strict):
     def config_hash(self) -> str:
         """A short stable hash of the whole config (the registry's `config_hash` tag).
 
-        ``store`` is left out: where copies are kept does not change what is trained.
+        ``store`` and ``launch`` are left out: where copies are kept and how many processes
+        train do not change what is trained (a run on N processes registers the same lineage).
         """
-        return stable_hash(self.model_dump(mode="json", exclude={"store"}))
+        return stable_hash(self.model_dump(mode="json", exclude={"store", "launch"}))
 
 
 def redact_url(url: str) -> str:

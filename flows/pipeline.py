@@ -29,7 +29,8 @@ from concise_rl.tasks import stages
 prepare_base = task(stages.prepare_base, name="prepare-base", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 curate = task(stages.curate, name="curate", cache_policy=NO_CACHE)
 # A phase a training guard stopped would only stop again: that failure is not retried.
-train_phase = task(stages.train_phase, name="train", retries=1, cache_policy=NO_CACHE,
+# With launch.num_processes > 1 each runs as an `accelerate launch` child job (tasks/launch.py).
+train_phase = task(stages.train_phase_task, name="train", retries=1, cache_policy=NO_CACHE,
                    retry_condition_fn=lambda task, run, state: not isinstance(state.data, TrainingGuardError))
 register = task(stages.register, name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 evaluate = task(stages.evaluate, name="evaluate", retries=1, cache_policy=NO_CACHE)

@@ -327,9 +327,26 @@ def _log_training(phase: str, run) -> None:
         mlflow.log_artifact(str(metrics_file))
         rows = read_jsonl(metrics_file)
         mlflow.log_artifact(str(plots.plot_training({phase: rows}, paths.checkpoints(phase) / "training.png")))
+        publish_training_table(phase, f" (MLflow run {run.info.run_id})")
+
+
+def publish_training_table(phase: str, where: str = "") -> None:
+    """The phase's metrics per step as a Prefect table (when in a flow run), from its metrics.jsonl."""
+    metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
+    if metrics_file.is_file():
         keys = ("step", "reward", "accuracy", "response_length", "kl", "policy_loss", "value_loss")
-        publish.table(f"{phase}-metrics", [{k: r.get(k) for k in keys} for r in rows],
-                      f"{phase} PPO metrics per step (MLflow run {run.info.run_id})")
+        publish.table(f"{phase}-metrics", [{k: r.get(k) for k in keys} for r in read_jsonl(metrics_file)],
+                      f"{phase} PPO metrics per step{where}")
+
+
+def train_phase_task(cfg: PipelineConfig, phase: str, model_uri: str, problems_path: str) -> str:
+    """The flow's train task: :func:`train_phase` in this process, or with ``launch.num_processes`` > 1 as
+    an ``accelerate launch`` child job of that many processes (tasks/launch.py)."""
+    if cfg.launch.num_processes > 1:
+        from concise_rl.tasks.launch import train_phase_launched
+
+        return train_phase_launched(cfg, phase, model_uri, problems_path)
+    return train_phase(cfg, phase, model_uri, problems_path)
 
 
 def register(cfg: PipelineConfig, phase: str, model_dir: str, parent: dict[str, str]) -> dict[str, str]:

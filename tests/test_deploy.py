@@ -25,7 +25,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_prefect_yaml_defines_a_scheduled_gpu_retraining_and_an_evaluation_deployment() -> None:
     data = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in data["deployments"]}
-    assert set(deps) == {"retrain", "evaluate"}
+    assert set(deps) == {"retrain", "retrain-7b", "evaluate"}
+    # The 7B: PPO stages as accelerate launch jobs of 4 processes under ZeRO-3, on a 4-GPU pool.
+    multi = deps["retrain-7b"]
+    from concise_rl.config import load_config
+    from concise_rl.training.distributed import check_divides_across_processes
+
+    cfg = load_config(ROOT / multi["parameters"]["config_path"], multi["parameters"]["overrides"])
+    assert cfg.launch.num_processes == 4 and (ROOT / cfg.launch.config_file).is_file()
+    for phase in ("phase1", "phase2"):
+        check_divides_across_processes(cfg.ppo_for(phase), cfg.launch.num_processes)
+    assert multi["work_pool"]["job_variables"]["gpu_count"] == 4
+    assert multi["work_pool"]["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
     retrain = deps["retrain"]
     assert retrain["entrypoint"] == "flows/pipeline.py:pipeline"
     assert [s["cron"] for s in retrain["schedules"]] == ["0 3 * * 1"]
@@ -38,11 +49,17 @@ def test_prefect_yaml_defines_a_scheduled_gpu_retraining_and_an_evaluation_deplo
         assert (ROOT / dep["parameters"]["config_path"]).is_file()
 
 
-def test_k8s_job_template_requests_one_gpu() -> None:
+def test_k8s_job_template_requests_gpu_count_gpus_one_by_default() -> None:
     template = json.loads((ROOT / "infra" / "k8s-gpu-job-template.json").read_text())
-    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    gpus = template["variables"]["properties"]["gpu_count"]
+    assert (gpus["type"], gpus["default"], gpus["minimum"]) == ("integer", 1, 1)
+    # N processes share memory through /dev/shm, which is 64Mi in a container by default.
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "{{ shm_size }}"}} in pod["volumes"]
     # Every {{ placeholder }} of the job has a variable to fill it.
     text = json.dumps(template["job_configuration"])
     import re
