@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from concise_rl import paths
@@ -97,20 +98,34 @@ def _task_logger() -> logging.Logger | logging.LoggerAdapter:
         return log
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def stop(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM the child's process group, SIGKILL what is left after ``grace_s``."""
+    """SIGTERM the process group ``proc`` leads (started with ``start_new_session``), SIGKILL what is
+    left after ``grace_s``; returns once no process of the group is left (not only the leader:
+    the launcher's workers, or a server's worker, may outlive it by a moment)."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        if proc.poll() is not None:
+        proc.poll()  # reap the leader if it has exited, or it counts as a member
+        if not _group_alive(proc.pid):
             return
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            if not _group_alive(proc.pid):
+                return
+            time.sleep(0.1)
 
 
 class _Signals:

@@ -9,7 +9,6 @@ tests/test_ablate.py keep the ephemeral path that `make demo` takes.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,19 +27,10 @@ def free_port() -> int:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group, SIGKILL what is left after 20 s."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM the process group, SIGKILL what is left after 20 s (as the flow stops a training job)."""
+    from concise_rl.tasks.launch import stop as stop_group
+
+    stop_group(proc, 20.0)
 
 
 def spawn(processes: list[subprocess.Popen], args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -52,16 +42,21 @@ def spawn(processes: list[subprocess.Popen], args: list[str], env: dict[str, str
 
 
 def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    wait_http(f"{api}/health", server, log, "prefect server", timeout)
+
+
+def wait_http(url: str, server: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
+    """Until ``url`` answers 200; fails with the end of ``log`` if ``server`` exits or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert server.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
+        assert server.poll() is None, f"{what} exited:\n{log.read_text()[-3000:]}"
         try:
-            if httpx.get(f"{api}/health", timeout=5).status_code == 200:
+            if httpx.get(url, timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise AssertionError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+    raise AssertionError(f"{what} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 def start_server(processes: list[subprocess.Popen], folder: Path, env: dict[str, str] | None = None) -> str:

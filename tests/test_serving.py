@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import mlflow
 import pytest
-from prefect_server import free_port, spawn, stop
+from prefect_server import free_port, spawn, stop, wait_http
 
 from concise_rl.answers import extract_boxed
 from concise_rl.config import load_config
@@ -41,19 +40,6 @@ def champion(mlflow_home: Path):
     return cfg, f"models:/{cfg.registry.model_name}@champion", problem
 
 
-def wait_ready(url: str, server: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{url}/ping", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"mlflow models serve not ready after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
 def test_mlflow_serves_the_champion_and_answers_a_chat_request(champion, tmp_path: Path) -> None:
     cfg, uri, problem = champion
     port = free_port()
@@ -65,7 +51,7 @@ def test_mlflow_serves_the_champion_and_answers_a_chat_request(champion, tmp_pat
     server = spawn(processes, [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env, log)
     try:
-        wait_ready(url, server, log)
+        wait_http(f"{url}/ping", server, log, "mlflow models serve", timeout=240)
         request = {"messages": prompt_messages(problem.prompt, cfg.prompt), "max_tokens": 300}
         response = httpx.post(f"{url}/invocations", json=request, timeout=120)
         assert response.status_code == 200, response.text
