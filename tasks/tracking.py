@@ -287,16 +287,29 @@ def register_model_dir(
     ensure_registered_model(client, cfg.registry.model_name)
     version = client.create_model_version(
         cfg.registry.model_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=all_tags,
-        description=card,
+        description=description(card),
     )
     return version
+
+
+# MLflow's SQL stores hold a version's description in a VARCHAR(5000).
+DESCRIPTION_LIMIT = 5000
+
+
+def description(card: str) -> str:
+    """The model card as a version's description: whole when it fits the store's column, else cut at a
+    line with a pointer to the full card (README.md in the version's artifacts)."""
+    if len(card) <= DESCRIPTION_LIMIT:
+        return card
+    note = "\n\n(cut to fit the registry; the whole card is README.md in this version's artifacts)"
+    return card[: card.rfind("\n", 0, DESCRIPTION_LIMIT - len(note))] + note
 
 
 def update_model_card(client: MlflowClient, cfg: PipelineConfig, version: ModelVersion, card: str) -> None:
     """Replace a registered version's model card: its description and its README.md files."""
     from concise_rl.tasks import mlflow_model
 
-    client.update_model_version(version.name, version.version, description=card)
+    client.update_model_version(version.name, version.version, description=description(card))
     if not version.run_id:
         return
     scratch = paths.home() / "tmp"

@@ -190,3 +190,13 @@ def test_versions_promoted_with_fraction_tags_are_listed_in_percent(tiny_model_d
     assert row["eval"]["heldout"]["0.0"] == pytest.approx({
         "accuracy_pct": 92.2, "accuracy_change_pts": -0.4, "accuracy_change_ci_low_pts": -1.6,
         "accuracy_change_ci_high_pts": 0.8, "length_reduction_pct": 50.2})
+
+
+def test_a_card_longer_than_the_registry_column_is_cut_at_a_line_with_a_pointer() -> None:
+    from concise_rl.tasks.tracking import DESCRIPTION_LIMIT, description
+
+    card = "\n".join(f"| row {i} | {'x' * 60} |" for i in range(200))
+    cut = description(card)
+    assert len(cut) <= DESCRIPTION_LIMIT and cut.endswith("the whole card is README.md in this version's artifacts)")
+    assert card.startswith(cut.split("\n\n(cut")[0]) and cut.split("\n\n(cut")[0].endswith("|")
+    assert description("# short") == "# short"
