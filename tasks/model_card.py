@@ -1,4 +1,4 @@
-"""The model card of a registered version: what it is, where it came from, and how it measured.
+"""What a registered version says about itself: its model card, and the figures promotion records.
 
 Markdown with Hugging Face's YAML front matter, written as ``README.md`` into the version's
 model folder (tasks/mlflow_model.py) and set as the version's description in the registry,
@@ -6,7 +6,9 @@ which the MLflow UI renders. At registration it holds the lineage and the traini
 settings; once the pipeline has evaluated the version it is rewritten with the evaluation
 table (accuracy with its 95% CI, mean length and truncation per set and temperature, the
 length cut and paired accuracy change against the parent) and, for the gated candidate,
-the gate's verdict. Accuracy, cut and change are in percent and points everywhere.
+the gate's verdict. :func:`eval_tags` and :func:`gate_metrics` are the same figures as the
+promoted version's tags and the promoting run's metrics. Accuracy, cut and change are in
+percent and points everywhere.
 """
 
 from __future__ import annotations
@@ -126,3 +128,52 @@ def render(cfg: PipelineConfig, tags: dict[str, str], *, version: str | None = N
               "Model: `mlflow models serve -m models:/NAME@champion --env-manager local`, then POST "
               '`{"messages": [...], "max_tokens": N}` to `/invocations` (docs/serving.md).', ""]
     return "\n".join(lines)
+
+
+def eval_tags(candidate_eval: dict, reductions: dict, verdict: dict) -> dict[str, str]:
+    """The figures a promoted version records, per set and temperature, as ``eval.<set>.T<t>.<figure>`` tags.
+
+    In percent and points, as every table shows them: ``accuracy_pct``, ``mean_length``
+    (tokens) and ``length_reduction_pct`` (against the parent) for every evaluated set; where
+    the gate compared the set, also the paired accuracy change against the parent in points
+    (``accuracy_change_pts``) and its 95% CI (``accuracy_change_ci_low_pts``/``_high_pts``).
+    """
+    paired = {c["name"].split(" accuracy change,")[0]: c for c in verdict["criteria"] if "ci" in c}
+    tags: dict[str, str] = {}
+    for bench, temps in candidate_eval.items():
+        for t, m in temps.items():
+            prefix = f"eval.{bench}.T{t}"
+            tags[f"{prefix}.accuracy_pct"] = f"{100 * m['accuracy']:.2f}"
+            tags[f"{prefix}.mean_length"] = f"{m['mean_length']:.1f}"
+            if t in reductions.get(bench, {}):
+                tags[f"{prefix}.length_reduction_pct"] = f"{reductions[bench][t]:.2f}"
+            criterion = paired.get(f"{bench}@T={t}")
+            if criterion is not None:
+                tags[f"{prefix}.accuracy_change_pts"] = f"{100 * criterion['difference']:.2f}"
+                tags[f"{prefix}.accuracy_change_ci_low_pts"] = f"{100 * criterion['ci'][0]:.2f}"
+                tags[f"{prefix}.accuracy_change_ci_high_pts"] = f"{100 * criterion['ci'][1]:.2f}"
+    return tags
+
+
+def gate_metrics(tags: dict[str, str], verdict: dict) -> dict[str, float]:
+    """The gate's figures as metrics of the promoting run (MLflow metric names allow no '=' or '@'):
+    every ``eval.*`` tag of :func:`eval_tags` as a number, and whether the gate passed."""
+    metrics = {f"gate.{key.removeprefix('eval.')}": float(value) for key, value in tags.items()}
+    return {**metrics, "gate_passed": float(verdict["passed"])}
+
+
+def write_cards(cfg: PipelineConfig, client, results: dict[str, dict], parent_label: str, verdict: dict) -> None:
+    """Rewrite each evaluated version's model card with its evaluation against its parent (and, for the
+    candidate, the gate's verdict): its README.md files and its description in the registry."""
+    parents = {"phase1": "base", "phase2": parent_label}
+    for label, info in results.items():
+        if info["version"] == "local":
+            continue
+        version = client.get_model_version(cfg.registry.model_name, info["version"])
+        parent = results.get(parents.get(label, ""))
+        card = render(cfg, version.tags, version=info["version"], evaluation=info["eval"],
+                                 parent_evaluation=parent["eval"] if parent else None,
+                                 verdict=verdict if label == "phase2" else None)
+        from concise_rl.tasks import tracking  # which imports this module
+
+        tracking.update_model_card(client, cfg, version, card)

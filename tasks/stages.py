@@ -327,15 +327,17 @@ def _log_training(phase: str, run) -> None:
         mlflow.log_artifact(str(metrics_file))
         rows = read_jsonl(metrics_file)
         mlflow.log_artifact(str(plots.plot_training({phase: rows}, paths.checkpoints(phase) / "training.png")))
-        publish_training_table(phase, f" (MLflow run {run.info.run_id})")
+        publish_training_table(phase, f" (MLflow run {run.info.run_id})", rows)
 
 
-def publish_training_table(phase: str, where: str = "") -> None:
-    """The phase's metrics per step as a Prefect table (when in a flow run), from its metrics.jsonl."""
+def publish_training_table(phase: str, where: str = "", rows: list[dict] | None = None) -> None:
+    """The phase's metrics per step (``rows``, else its metrics.jsonl) as a Prefect table, when in a flow run."""
     metrics_file = paths.checkpoints(phase) / "metrics.jsonl"
-    if metrics_file.is_file():
+    if rows is None and metrics_file.is_file():
+        rows = read_jsonl(metrics_file)
+    if rows:
         keys = ("step", "reward", "accuracy", "response_length", "kl", "policy_loss", "value_loss")
-        publish.table(f"{phase}-metrics", [{k: r.get(k) for k in keys} for r in read_jsonl(metrics_file)],
+        publish.table(f"{phase}-metrics", [{k: r.get(k) for k in keys} for r in rows],
                       f"{phase} PPO metrics per step{where}")
 
 
@@ -463,38 +465,6 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
 
 
 # --------------------------------------------------------------------------- gate
-def eval_tags(candidate_eval: dict, reductions: dict, verdict: dict) -> dict[str, str]:
-    """The figures a promoted version records, per set and temperature, as ``eval.<set>.T<t>.<figure>`` tags.
-
-    In percent and points, as every table shows them: ``accuracy_pct``, ``mean_length``
-    (tokens) and ``length_reduction_pct`` (against the parent) for every evaluated set; where
-    the gate compared the set, also the paired accuracy change against the parent in points
-    (``accuracy_change_pts``) and its 95% CI (``accuracy_change_ci_low_pts``/``_high_pts``).
-    """
-    paired = {c["name"].split(" accuracy change,")[0]: c for c in verdict["criteria"] if "ci" in c}
-    tags: dict[str, str] = {}
-    for bench, temps in candidate_eval.items():
-        for t, m in temps.items():
-            prefix = f"eval.{bench}.T{t}"
-            tags[f"{prefix}.accuracy_pct"] = f"{100 * m['accuracy']:.2f}"
-            tags[f"{prefix}.mean_length"] = f"{m['mean_length']:.1f}"
-            if t in reductions.get(bench, {}):
-                tags[f"{prefix}.length_reduction_pct"] = f"{reductions[bench][t]:.2f}"
-            criterion = paired.get(f"{bench}@T={t}")
-            if criterion is not None:
-                tags[f"{prefix}.accuracy_change_pts"] = f"{100 * criterion['difference']:.2f}"
-                tags[f"{prefix}.accuracy_change_ci_low_pts"] = f"{100 * criterion['ci'][0]:.2f}"
-                tags[f"{prefix}.accuracy_change_ci_high_pts"] = f"{100 * criterion['ci'][1]:.2f}"
-    return tags
-
-
-def gate_metrics(tags: dict[str, str], verdict: dict) -> dict[str, float]:
-    """The gate's figures as metrics of the promoting run (MLflow metric names allow no '=' or '@'):
-    every ``eval.*`` tag of :func:`eval_tags` as a number, and whether the gate passed."""
-    metrics = {f"gate.{key.removeprefix('eval.')}": float(value) for key, value in tags.items()}
-    return {**metrics, "gate_passed": float(verdict["passed"])}
-
-
 def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "phase1") -> dict:
     """Gate the phase-2 candidate against its parent; move ``champion`` only if it passes.
 
@@ -511,7 +481,7 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
     with _stage_run(cfg, "promote", candidate_version=candidate["version"]) as run:
         version = candidate["version"]
         client.set_model_version_tag(name, version, "gate", "passed" if verdict["passed"] else "failed")
-        recorded = eval_tags(candidate["eval"], reductions, verdict)
+        recorded = model_card.eval_tags(candidate["eval"], reductions, verdict)
         if verdict["passed"]:
             for key, value in recorded.items():
                 client.set_model_version_tag(name, version, key, value)
@@ -529,8 +499,8 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
             "gate": verdict,
             "git_sha": _RUN_TAGS.get().get("git_sha"),
         }
-        tracking.log_metrics(gate_metrics(recorded, verdict))
-        _write_model_cards(cfg, client, results, parent_label, verdict)
+        tracking.log_metrics(model_card.gate_metrics(recorded, verdict))
+        model_card.write_cards(cfg, client, results, parent_label, verdict)
         mlflow.log_dict(summary, "summary.json")
         report_dir = paths.reports() / time.strftime("%Y%m%d-%H%M%S")
         atomic_write_json(report_dir / "summary.json", summary)
@@ -549,21 +519,6 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
     for figure in figures:
         publish.image(f"plot-{figure.stem}", latest / figure.name, f"{figure.name} (MLflow run {run.info.run_id})")
     return summary
-
-
-def _write_model_cards(cfg: PipelineConfig, client, results: dict[str, dict], parent_label: str, verdict: dict) -> None:
-    """Rewrite each evaluated version's model card with its evaluation against its parent (and, for the
-    candidate, the gate's verdict): its README.md files and its description in the registry."""
-    parents = {"phase1": "base", "phase2": parent_label}
-    for label, info in results.items():
-        if info["version"] == "local":
-            continue
-        version = client.get_model_version(cfg.registry.model_name, info["version"])
-        parent = results.get(parents.get(label, ""))
-        card = model_card.render(cfg, version.tags, version=info["version"], evaluation=info["eval"],
-                                 parent_evaluation=parent["eval"] if parent else None,
-                                 verdict=verdict if label == "phase2" else None)
-        tracking.update_model_card(client, cfg, version, card)
 
 
 def _refuse_stopped_runs(client, name: str, results: dict[str, dict]) -> None:
