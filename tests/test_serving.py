@@ -45,7 +45,11 @@ def test_mlflow_serves_the_champion_and_answers_a_chat_request(champion, tmp_pat
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     store = mlflow.get_tracking_uri()  # the home's sqlite registry, which the pipeline wrote
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store, "OMP_NUM_THREADS": "1"}
+    # mlflow models serve execs `uvicorn` by name: the venv's bin/ must be on PATH, as it is for a user
+    # who activated the venv (CI calls .venv/bin/python without activating it).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store,
+           "OMP_NUM_THREADS": "1"}
     processes: list[subprocess.Popen] = []
     log = tmp_path / "serve.log"
     server = spawn(processes, [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
