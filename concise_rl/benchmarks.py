@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from concise_rl.errors import ProblemLoadError
+from concise_rl.errors import ProblemLoadError, did_you_mean
 from concise_rl.problems import Problem, load_hf_dataset
 
 BENCHMARK_DIR_ENV = "CONCISE_RL_BENCHMARK_DIR"
@@ -68,7 +68,7 @@ def benchmark(name: str) -> Benchmark:
         return BENCHMARKS[name]
     except KeyError:
         raise ProblemLoadError(
-            f"unknown benchmark {name!r}; known benchmarks: {', '.join(BENCHMARKS)} "
+            f"unknown benchmark {name!r}{did_you_mean(name, BENCHMARKS)}; known benchmarks: {', '.join(BENCHMARKS)} "
             "(any other set loads as a file: kind 'file' with a path)"
         ) from None
 

@@ -55,3 +55,21 @@ class TrainingGuardError(RuntimeError):
 
     def __reduce__(self):  # Prefect may pickle a task's exception; keep the record with it
         return type(self), (str(self), self.stop)
+
+
+def nearest(word: str, choices) -> str | None:
+    """The choice nearest ``word``, or None when none is near.
+
+    difflib's ratio at 0.6 (its default) catches a dropped, doubled or swapped letter
+    (``evalute``, ``champoin``, ``temperature``) without offering unrelated names.
+    """
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return close[0] if close else None
+
+
+def did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """``" (did you mean 'PREFIXx'?)"`` for the choice x nearest ``word``, or ``""`` when none is near."""
+    near = nearest(word, choices)
+    return f" (did you mean '{prefix}{near}'?)" if near else ""

@@ -41,10 +41,12 @@ def resolve_model(cfg: PipelineConfig, uri: str, what: str | None = None) -> dic
         try:
             version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            # A missing alias is INVALID_PARAMETER_VALUE in MLflow 3.17's stores, a missing model or version
+            # RESOURCE_DOES_NOT_EXIST.
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise
-            raise LookupError(f"{what}: the registry has no such version; `concise-rl models` lists the "
-                              "registered versions and their aliases") from None
+            raise LookupError(f"{what}: {what_exists(client, name, number, alias)}; `concise-rl models` lists "
+                              "the registered versions and their aliases") from None
         return {"version": str(version.version), "uri": tracking.model_uri(name, version.version)}
     if artifact_store.is_s3(uri):  # a checkpoint folder in the artifact store; checked when it is downloaded
         return {"version": "local", "uri": uri}
@@ -53,6 +55,36 @@ def resolve_model(cfg: PipelineConfig, uri: str, what: str | None = None) -> dic
                                 "model directory; pass a local model folder, models:/NAME/VERSION, "
                                 "models:/NAME@ALIAS or a version's checkpoint_uri")
     return {"version": "local", "uri": uri}
+
+
+def what_exists(client, name: str, number: str | None, alias: str | None) -> str:
+    """Why ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` names nothing, with what the registry does hold."""
+    from concise_rl.errors import did_you_mean
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = [m.name for m in client.search_registered_models(max_results=100)]
+        held = f"registered models: {', '.join(names)}" if names else "the registry holds no model yet"
+        return f"no registered model '{name}'{did_you_mean(name, names)}; {held}"
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    aliases = dict(sorted(model.aliases.items(), key=lambda kv: int(kv[1])))
+    held = (f"its versions: {_ranges(versions) or 'none'}; its aliases: "
+            f"{', '.join(f'{a} (v{v})' for a, v in aliases.items()) or 'none'}")
+    if alias:
+        return f"{name} has no alias '{alias}'{did_you_mean(alias, aliases)}; {held}"
+    return f"{name} has no version {number}; {held}"
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted numbers as runs: [1, 2, 3, 5] -> "1-3, 5" (a registry may hold hundreds of versions)."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def local_model_dir(cfg: PipelineConfig, uri: str) -> str:

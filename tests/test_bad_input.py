@@ -103,7 +103,7 @@ CASES: dict[str, Case] = {
     ),
     "registry-version-that-does-not-exist": lambda tiny, d: (
         _train("models:/concise-rl-demo/7", _good_problems(d / "p.jsonl")),
-        ["--model models:/concise-rl-demo/7: the registry has no such version", "`concise-rl models` lists"],
+        ["--model models:/concise-rl-demo/7: no registered model 'concise-rl-demo'", "`concise-rl models` lists"],
     ),
     "missing-model-path-in-config": lambda tiny, d: (
         ["curate", "--config", DEMO, "--set", f"model.name_or_path={d / 'no-such-model'}"],

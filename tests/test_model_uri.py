@@ -20,7 +20,8 @@ from concise_rl.tasks.model_uri import local_model_dir, resolve_model
 @pytest.mark.parametrize(("uri", "error", "message"), [
     ("no-such-model", FileNotFoundError, "not a models:/ URI, not an s3:// checkpoint folder and not a model directory"),
     ("models:/concise-rl-demo/", LookupError, "not a registry URI; write models:/NAME/VERSION (a number)"),
-    ("models:/concise-rl-demo/7", LookupError, "the registry has no such version; `concise-rl models` lists"),
+    ("models:/concise-rl-demo/7", LookupError, "no registered model 'concise-rl-demo'; the registry holds no model yet; "
+     "`concise-rl models` lists"),
 ])
 def test_every_caller_refuses_a_bad_uri_with_the_same_message(uri, error, message, mlflow_home):
     cfg = PipelineConfig()
