@@ -87,7 +87,7 @@ CASES: dict[str, Case] = {
     ),
     "config-unknown-key": lambda tiny, d: (
         ["curate", "--config", str(_lines(d / "c.yaml", "ppo:", "  lamda: 1.0")), "--model", str(tiny)],
-        ["c.yaml", "unknown key 'ppo.lamda'", "check the spelling"],
+        ["c.yaml", "unknown key 'ppo.lamda'", "(did you mean 'ppo.lam'?)"],
     ),
     "config-wrong-type": lambda tiny, d: (
         ["curate", "--config", DEMO, "--model", str(tiny), "--set", "ppo.steps=many"],
