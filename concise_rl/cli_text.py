@@ -121,8 +121,11 @@ length_histograms.png; all of it is logged to MLflow (stage 'evaluate').
 EVALUATE_EPILOG = """\
 examples:
   concise-rl evaluate --config configs/demo.yaml
-  concise-rl evaluate --model models:/concise-rl-demo@champion --benchmarks math500,aime24,amc23,mmlu_stem \\
-      --temperatures 0,0.6 --samples 4 --data-dir ../shared/data/benchmarks --limit 50
+  concise-rl evaluate --config configs/demo.yaml --model models:/concise-rl-demo@champion \\
+      --benchmarks math500,aime24,amc23,mmlu_stem --few-shot 0 --data-dir ../shared/data/benchmarks \\
+      --limit 50 --temperatures 0,0.6 --samples 4 --set prompt.max_prompt_tokens=832 \\
+      --set evaluation.max_new_tokens=192
+      (the embedded model: 1,024 positions, about 0% on real benchmarks; docs/command-line.md)
   concise-rl evaluate --model old=models:/concise-rl-demo/2 --model new=models:/concise-rl-demo/3
 """
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
 import types
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 

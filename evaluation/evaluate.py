@@ -8,13 +8,28 @@ from concise_rl.config import EvalConfig, PromptConfig
 from concise_rl.evaluation.metrics import summarise
 from concise_rl.grader import Grader
 from concise_rl.problems import Problem
-from concise_rl.training.generation import check_prompt_lengths, generate
+from concise_rl.training.generation import check_prompts, context_length, generate
 from concise_rl.training.models import format_prompt
 
 
 def temp_key(temperature: float) -> str:
     """Temperatures as report keys: "0.0", "0.6"."""
     return str(float(temperature))
+
+
+def check_sets(tokenizer, sets: dict[str, list[Problem]], cfg: EvalConfig, prompt: PromptConfig,
+               context: int | None) -> dict[str, list[str]]:
+    """Every set's formatted prompts, checked together before any is sampled (training/generation.py's
+    check_prompts): too long for the config, or with ``cfg.max_new_tokens`` for the model's ``context``."""
+    for name, problems in sets.items():
+        if not problems:
+            raise ValueError(f"evaluation set {name!r} is empty; check its source or limit")
+    prompts = {name: [format_prompt(p.prompt, tokenizer, prompt) for p in problems] for name, problems in sets.items()}
+    check_prompts(tokenizer, {name: ([f"{name}/{p.id}" for p in problems], prompts[name])
+                              for name, problems in sets.items()},
+                  prompt.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+                  new_tokens_key="evaluation.max_new_tokens", context=context)
+    return prompts
 
 
 def evaluate_model(
@@ -30,13 +45,7 @@ def evaluate_model(
 
     summary: dict[str, dict[str, dict]] = {}
     records: list[dict] = []
-    # Every set's prompts are checked before the first is sampled: a prompt too long for the
-    # config fails the evaluation at once, not after the sets before it.
-    prompts = {name: [format_prompt(p.prompt, tokenizer, prompt) for p in problems] for name, problems in sets.items()}
-    for name, problems in sets.items():
-        if not problems:
-            raise ValueError(f"evaluation set {name!r} is empty; check its source or limit")
-        check_prompt_lengths(tokenizer, prompts[name], [f"{name}/{p.id}" for p in problems], prompt.max_prompt_tokens)
+    prompts = check_sets(tokenizer, sets, cfg, prompt, context_length(model))
     for name, problems in sets.items():
         texts = prompts[name]
         summary[name] = {}

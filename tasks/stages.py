@@ -28,7 +28,7 @@ from concise_rl.benchmarks import load_benchmark
 from concise_rl.config import DataSource, PipelineConfig, PPOConfig, stable_hash
 from concise_rl.errors import TrainingGuardError
 from concise_rl.evaluation import plots
-from concise_rl.evaluation.evaluate import evaluate_model
+from concise_rl.evaluation.evaluate import check_sets, evaluate_model
 from concise_rl.evaluation.gate import evaluate_gate, length_reductions
 from concise_rl.evaluation.metrics import macro_average
 from concise_rl.evaluation.report import write_report
@@ -42,6 +42,7 @@ from concise_rl.tasks.model_uri import local_model_dir
 from concise_rl.training import curation as curation_lib
 from concise_rl.training import prebuilt
 from concise_rl.training.embedded import build_embedded_model
+from concise_rl.training.generation import context_length
 from concise_rl.training.guards import STOP_FILE, read_stop
 from concise_rl.training.models import check_model_path, embedded_dir, is_embedded, load_policy, load_tokenizer
 from concise_rl.training.trainer import PPOTrainer
@@ -422,13 +423,22 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
                        "sets": {k: problems_hash(v) for k, v in sets.items()}, "seed": cfg.seed})
     results: dict[str, dict] = {}
     folders: dict[str, Path] = {}
+    # Every model still to evaluate is checked against every set before the first is loaded: a set
+    # whose prompts do not fit (the config's limit, or the model's context) fails at once, all named.
+    todo: dict[str, tuple[str, object]] = {}
+    for label, info in models.items():
+        folders[label] = _evaluation_dir(cfg, info, key)
+        if not (folders[label] / "summary.json").is_file():
+            model_dir = local_model_dir(cfg, info["uri"])
+            tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, prompt=cfg.prompt)
+            check_sets(tokenizer, sets, cfg.evaluation, cfg.prompt, context_length(model_dir))
+            todo[label] = (model_dir, tokenizer)
     with _stage_run(cfg, "evaluate"), Grader.from_config(cfg.grader) as grader:
         for label, info in models.items():
-            out = folders[label] = _evaluation_dir(cfg, info, key)
+            out = folders[label]
             summary_file = out / "summary.json"
-            if not summary_file.is_file():
-                model_dir = local_model_dir(cfg, info["uri"])
-                tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, prompt=cfg.prompt)
+            if label in todo:
+                model_dir, tokenizer = todo[label]
                 model = load_policy(model_dir, cfg.model, device=device(cfg))
                 summary, records = evaluate_model(
                     model, tokenizer, sets, cfg.evaluation, cfg.prompt, grader, seed=cfg.seed,

@@ -62,6 +62,21 @@ def mlflow_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.fixture
+def champion(mlflow_home: Path):
+    """The demo's shipped base registered in a fresh home and made champion; (config, registry URI, problem)."""
+    from concise_rl.config import load_config
+    from concise_rl.synthetic import generate_problems
+    from concise_rl.tasks import stages, tracking
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    base = stages.prepare_base(cfg)
+    client = tracking.setup(cfg)
+    client.set_registered_model_alias(cfg.registry.model_name, "champion", base["version"])
+    problem = generate_problems(1, seed=5, min_level=3, max_level=3, split="heldout")[0]
+    return cfg, f"models:/{cfg.registry.model_name}@champion", problem
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One real Prefect server for the tests that run the pipeline many times (tests/prefect_server.py)."""

@@ -115,7 +115,16 @@ CASES: dict[str, Case] = {
     ),
     "max-length-too-small-for-the-prompt": lambda tiny, d: (
         _train(tiny, _good_problems(d / "p.jsonl"), "--set", "prompt.max_prompt_tokens=8"),
-        ["over prompt.max_prompt_tokens=8", "4 of 4 prompts", "raise prompt.max_prompt_tokens to at least"],
+        ["over prompt.max_prompt_tokens=8", "4 of 4 prompts", "Raise prompt.max_prompt_tokens to at least"],
+    ),
+    "response-budget-past-the-model-context": lambda tiny, d: (
+        _train(tiny, _good_problems(d / "p.jsonl"), "--set", "ppo.max_new_tokens=4096"),
+        ["training problems: its longest prompt", "plus ppo.max_new_tokens=4096 needs",
+         "over the model's 4096 (max_position_embeddings)", "lower ppo.max_new_tokens to at most"],
+    ),
+    "curation-budget-past-the-model-context": lambda tiny, d: (
+        ["curate", "--config", DEMO, "--model", str(tiny), *ROOMY, "--set", "curation.max_new_tokens=5000"],
+        ["curation candidates: its longest prompt", "plus curation.max_new_tokens=5000 needs"],
     ),
     # The random tiny model's pass rates with one sample are 0 or 1, so no candidate falls
     # in [0.4, 0.6]: curation stops before it writes a set, and nothing trains.

@@ -19,25 +19,9 @@ import pytest
 from prefect_server import free_port, spawn, stop, wait_http
 
 from concise_rl.answers import extract_boxed
-from concise_rl.config import load_config
 from concise_rl.grader import Grader
-from concise_rl.synthetic import generate_problems
-from concise_rl.tasks import mlflow_model, stages, tracking
+from concise_rl.tasks import mlflow_model
 from concise_rl.training.models import prompt_messages
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo.yaml"
-
-
-@pytest.fixture
-def champion(mlflow_home: Path):
-    """The demo's base registered in a fresh home and made champion; (config, registry URI, problem)."""
-    cfg = load_config(DEMO)
-    base = stages.prepare_base(cfg)
-    client = tracking.setup(cfg)
-    client.set_registered_model_alias(cfg.registry.model_name, "champion", base["version"])
-    problem = generate_problems(1, seed=5, min_level=3, max_level=3, split="heldout")[0]
-    return cfg, f"models:/{cfg.registry.model_name}@champion", problem
 
 
 def test_mlflow_serves_the_champion_and_answers_a_chat_request(champion, tmp_path: Path) -> None:

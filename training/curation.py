@@ -15,7 +15,7 @@ from concise_rl.config import Band, CurationConfig, PromptConfig, RewardConfig
 from concise_rl.errors import CurationError
 from concise_rl.grader import Grader
 from concise_rl.problems import Problem
-from concise_rl.training.generation import check_prompt_lengths, generate
+from concise_rl.training.generation import check_prompts, context_length, generate
 from concise_rl.training.models import format_prompt
 from concise_rl.training.reward import score_responses
 
@@ -40,7 +40,9 @@ def measure_pass_rates(
     """Sample ``cfg.samples_per_problem`` responses per problem and count the correct ones."""
     k = cfg.samples_per_problem
     texts = [format_prompt(p.prompt, tokenizer, prompt) for p in problems]
-    check_prompt_lengths(tokenizer, texts, [p.id for p in problems], prompt.max_prompt_tokens)
+    check_prompts(tokenizer, {"curation candidates": ([p.id for p in problems], texts)}, prompt.max_prompt_tokens,
+                  max_new_tokens=cfg.max_new_tokens, new_tokens_key="curation.max_new_tokens",
+                  context=context_length(model))
     prompts = [text for text in texts for _ in range(k)]
     gen = generate(
         model,

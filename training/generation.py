@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -42,17 +44,60 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def check_prompt_lengths(tokenizer, prompts: list[str], names: list[str], max_prompt_tokens: int) -> None:
-    """Refuse prompts longer than ``prompt.max_prompt_tokens`` before any sampling, naming the longest one's problem."""
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
-    over = [(n, name) for n, name in zip(lengths, names) if n > max_prompt_tokens]
-    if over:
-        longest, name = max(over)
-        raise ConfigError(
-            f"problem {name!r}: its prompt is {longest} tokens, over prompt.max_prompt_tokens={max_prompt_tokens} "
-            f"({len(over)} of {len(prompts)} prompts are too long); raise prompt.max_prompt_tokens to at least "
-            f"{longest} or shorten or drop those problems"
-        )
+def context_length(model_or_dir) -> int | None:
+    """The positions a model takes (``max_position_embeddings``), from a loaded model or a folder's
+    config.json; None when its config does not say."""
+    config = getattr(model_or_dir, "config", None)
+    if config is not None:
+        value = getattr(config, "max_position_embeddings", None)
+    else:
+        file = Path(model_or_dir) / "config.json"
+        value = json.loads(file.read_text(encoding="utf-8")).get("max_position_embeddings") if file.is_file() else None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_prompts(
+    tokenizer, sets: dict[str, tuple[list[str], list[str]]], max_prompt_tokens: int, *,
+    max_new_tokens: int | None = None, new_tokens_key: str = "max_new_tokens", context: int | None = None,
+) -> None:
+    """Refuse, before any sampling and for every set at once, prompts that do not fit.
+
+    ``sets`` maps a set's name to (problem names, formatted prompts). A prompt must fit
+    ``prompt.max_prompt_tokens``, and the longest prompt plus ``max_new_tokens`` must fit
+    the model's ``context`` (its positions): past them a rotary model still runs but
+    answers from positions it never saw, so its figures would mean nothing. One message
+    names every set that fails and what to change, so a fix is not found one set at a time.
+    """
+    over_limit, over_context = [], []
+    for set_name, (names, prompts) in sets.items():
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids] if prompts else []
+        if not lengths:
+            continue
+        longest, name = max(zip(lengths, names))
+        too_long = sum(n > max_prompt_tokens for n in lengths)
+        if too_long:
+            over_limit.append((set_name, too_long, len(lengths), longest, name))
+        if context is not None and max_new_tokens is not None and longest + max_new_tokens > context:
+            over_context.append((set_name, longest))
+    if not over_limit and not over_context:
+        return
+    parts = [f"{s}: {k} of {n} prompts are over prompt.max_prompt_tokens={max_prompt_tokens}, the longest "
+             f"{longest} tokens (problem {name!r})" for s, k, n, longest, name in over_limit]
+    parts += [f"{s}: its longest prompt ({longest} tokens) plus {new_tokens_key}={max_new_tokens} needs "
+              f"{longest + max_new_tokens} positions, over the model's {context} (max_position_embeddings)"
+              for s, longest in over_context]
+    advice = []
+    unfit = {s for s, _ in over_context}
+    fit = [longest for s, _, _, longest, _ in over_limit if s not in unfit]
+    if fit:
+        advice.append(f"Raise prompt.max_prompt_tokens to at least {max(fit)} (--set prompt.max_prompt_tokens="
+                      f"{max(fit)}), or shorten or drop those problems.")
+    if unfit:
+        room = context - max(longest for _, longest in over_context)
+        advice.append(f"This model cannot take {', '.join(sorted(unfit))} whole: drop "
+                      f"{'it' if len(unfit) == 1 else 'them'}, limit the problems, or lower {new_tokens_key}"
+                      + (f" to at most {room}." if room > 0 else "."))
+    raise ConfigError(f"prompts that do not fit: {'; '.join(parts)}. {' '.join(advice)}")
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ from concise_rl.training.experience import (
     policy_forward,
     reuse_rollout_logprobs,
 )
-from concise_rl.training.generation import Generation, check_prompt_lengths, generate
+from concise_rl.training.generation import Generation, check_prompts, context_length, generate
 from concise_rl.training.models import Critic, format_prompt, freeze_all_but_top_layers, load_policy, load_tokenizer
 from concise_rl.training.precision import training_precision
 from concise_rl.training.reward import score_responses
@@ -136,7 +136,9 @@ class PPOTrainer:
         # whose prompt cannot fit fails the run at once instead of at the step that first draws it.
         self.tokenizer = load_tokenizer(policy_path, trust_remote_code=model_cfg.trust_remote_code, prompt=prompt_cfg)
         self.prompts = [format_prompt(p.prompt, self.tokenizer, prompt_cfg) for p in problems]
-        check_prompt_lengths(self.tokenizer, self.prompts, [p.id for p in problems], prompt_cfg.max_prompt_tokens)
+        check_prompts(self.tokenizer, {"training problems": ([p.id for p in problems], self.prompts)},
+                      prompt_cfg.max_prompt_tokens, max_new_tokens=ppo_cfg.max_new_tokens,
+                      new_tokens_key="ppo.max_new_tokens", context=context_length(policy_path))
         self.checkpointer = Checkpointer(
             self.out_dir, self.accelerator, run_key=self.run_key, base_policy=str(policy_path),
             problems_hash=self.problems_hash, tokenizer=self.tokenizer, precision=self.precision, zero=self._zero,
