@@ -279,7 +279,7 @@ def _cmd_run(args, cfg) -> int:
     # before it starts Prefect's temporary server.
     with _registry_lock(cfg, f"concise-rl run ({args.config or 'built-in defaults'})"):
         summary = pipeline(config_path=args.config, overrides=args.overrides, git_sha=args.git_sha)
-    console.print_summary(summary)
+    console.print_summary(summary, cfg.gate)
     return _gate_exit(summary)
 
 
@@ -400,7 +400,7 @@ def _cmd_evaluate(args, cfg) -> int:
     else:
         models = {"base": _alias_uri(cfg, "base"), "phase1": _alias_uri(cfg, "phase1"),
                   "phase2": _alias_uri(cfg, "candidate")}
-    console.print_evaluation(f"evaluation: {cfg.registry.model_name}", stages.evaluate(cfg, models))
+    console.print_evaluation(f"evaluation: {cfg.registry.model_name}", stages.evaluate(cfg, models), cfg.gate)
     return 0
 
 
@@ -413,7 +413,7 @@ def _cmd_compare(args, cfg) -> int:
     models = {"A": _resolve(cfg, args.baseline, option="A"), "B": _resolve(cfg, args.candidate, option="B")}
     results = stages.evaluate(cfg, models)
     verdict = evaluate_gate(results["B"]["eval"], results["A"]["eval"], cfg.gate)
-    console.print_comparison(results, verdict, baseline=args.baseline, candidate=args.candidate)
+    console.print_comparison(results, verdict, baseline=args.baseline, candidate=args.candidate, gate_cfg=cfg.gate)
     return 0 if verdict["passed"] else EXIT_GATE_FAILED
 
 
@@ -427,7 +427,7 @@ def _cmd_promote(args, cfg) -> int:
         models["phase1"] = _alias_uri(cfg, "phase1")
     with _registry_lock(cfg, "concise-rl promote"):
         summary = stages.promote(cfg, stages.evaluate(cfg, models), parent_label=parent_alias)
-    console.print_summary(summary)
+    console.print_summary(summary, cfg.gate)
     return _gate_exit(summary)
 
 

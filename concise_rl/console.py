@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -16,45 +17,79 @@ from rich.table import Table
 from concise_rl import paths
 
 if TYPE_CHECKING:
+    from concise_rl.config import GateConfig
     from concise_rl.evaluation.grade_file import GradeReport
 
 
-def models_table(title: str, summary: dict) -> Console:
-    """One row per model, set and temperature (as in the summary); returns the console to print more under it."""
-    from concise_rl.tasks.publish import SUMMARY_HEADER, summary_rows
+def _console() -> Console:
+    # At least 80 columns: piped into a file or a CI log, rich would otherwise take 80 anyway.
+    return Console(width=None if sys.stdout.isatty() else 80)
 
-    console = Console()
-    table = Table(title=title)
-    for col in SUMMARY_HEADER:
-        table.add_column(col)
-    for row in summary_rows(summary):
-        table.add_row(*row)
+
+def _table(title: str) -> Table:
+    # No outer edge or edge padding: a set's seven columns then fit 80 characters.
+    return Table(title=escape(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
+                 title_justify="left")
+
+
+def models_tables(console: Console, models: dict[str, dict], gate_cfg: GateConfig | None = None,
+                  parents: dict[str, str | None] | None = None) -> None:
+    """One table per evaluated set (evaluation/tables.py): every model and temperature with accuracy and its
+    CI, the paired change and length cut against its parent, mean length and truncation."""
+    from concise_rl.evaluation.tables import SET_HEADER, set_caption, set_tables
+
+    for title, rows in set_tables(models, gate_cfg, parents):
+        table = _table(title)
+        for col in SET_HEADER:
+            table.add_column(escape(col), no_wrap=col != "model", justify="left" if col == "model" else "right")
+        for row in rows:
+            table.add_row(*map(escape, row))
+        console.print()
+        console.print(table)
+    console.print(escape(set_caption(models, parents)), style="dim")
+
+
+def gate_verdict_table(console: Console, verdict: dict, title: str) -> None:
+    from concise_rl.evaluation.tables import GATE_HEADER, gate_rows
+
+    table = _table(title)
+    for col in GATE_HEADER:
+        table.add_column(col, no_wrap=True, justify="right" if col in ("value", "threshold") else "left")
+    for row in gate_rows(verdict):
+        style = "bold" if row[2] == "VERDICT" else ("red" if row[-1] == "NO" else None)
+        table.add_row(*map(escape, row), style=style)
+    console.print()
     console.print(table)
-    return console
 
 
-def print_summary(summary: dict) -> None:
-    """A pipeline's (or `promote`'s) summary: the models, the gate verdict and where the summary is."""
-    console = models_table(f"concise-rl: {summary['registered_model']}", summary)
+def print_summary(summary: dict, gate_cfg: GateConfig | None = None) -> None:
+    """A pipeline's (or `promote`'s) summary: every set's table, the gate, and where the summary is."""
+    console = _console()
+    console.print(f"[bold]concise-rl: {escape(summary['registered_model'])}[/bold]")
+    models_tables(console, summary["models"], gate_cfg)
+    gate_verdict_table(console, summary["gate"], "gate: phase 2 against the model it started from")
     verdict = "[green]PASSED[/green]" if summary["gate"]["passed"] else "[red]FAILED[/red]"
     console.print(f"gate {verdict}; champion version: {summary['champion_version']}")
-    console.print(f"summary written to {paths.reports() / 'latest' / 'summary.json'}")
+    console.print(f"summary written to {paths.reports() / 'latest' / 'summary.json'}", soft_wrap=True)
 
 
-def print_evaluation(title: str, results: dict[str, dict]) -> None:
+def print_evaluation(title: str, results: dict[str, dict], gate_cfg: GateConfig | None = None) -> None:
     """Evaluated models (stages.evaluate's results) and where their responses and report are."""
-    models_table(title, {"models": results, "length_reduction_pct": {}})
+    console = _console()
+    console.print(f"[bold]{escape(title)}[/bold]")
+    models_tables(console, results, gate_cfg)
     report = next(iter(results.values()))["report"]
-    print(f"responses and summaries under {paths.evaluations()}; report: {report}/report.md")
+    console.print(f"responses and summaries under {paths.evaluations()}; report: {report}/report.md", soft_wrap=True)
 
 
-def print_comparison(results: dict[str, dict], verdict: dict, baseline: str, candidate: str) -> None:
-    """`compare`: both models' figures, then the gate's verdict for B against A, criterion by criterion."""
-    from concise_rl.evaluation.report import gate_table
-
-    models_table("compare: A (baseline) and B (candidate)", {"models": results, "length_reduction_pct": {}})
-    print(f"gate for B ({candidate}) against A ({baseline}): {'PASSED' if verdict['passed'] else 'FAILED'}")
-    print("\n".join(gate_table(verdict)))
+def print_comparison(results: dict[str, dict], verdict: dict, baseline: str, candidate: str,
+                     gate_cfg: GateConfig | None = None) -> None:
+    """`compare`: both models' figures (B's change and cut against A), then the gate's verdict, criterion by
+    criterion."""
+    console = _console()
+    console.print(f"[bold]compare: A = {escape(baseline)}, B = {escape(candidate)}[/bold]")
+    models_tables(console, results, gate_cfg)
+    gate_verdict_table(console, verdict, f"gate for B against A: {'PASSED' if verdict['passed'] else 'FAILED'}")
 
 
 def print_ablation(report: dict) -> None:

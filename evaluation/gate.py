@@ -65,13 +65,12 @@ def accuracy_comparison(candidate: dict, parent: dict, cfg: GateConfig, where: s
     )
 
 
-def criterion_text(c: dict) -> tuple[str, str, str]:
-    """One criterion of a verdict as every table shows it: (value, threshold, paired change), accuracy
-    in points and length cut in percent (the verdict itself keeps fractions and percent)."""
+def criterion_text(c: dict) -> tuple[str, str]:
+    """One criterion of a verdict as every table shows it: (value, threshold), accuracy in points and length
+    cut in percent (the verdict itself keeps fractions and percent)."""
     if "ci" in c:  # the value is the CI's lower bound of the paired accuracy change
-        change = f"{100 * c['difference']:+.1f} [{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] pts, n={c['n']}"
-        return f"{100 * c['value']:+.1f} pts", f"{100 * c['threshold']:+.1f} pts", change
-    return f"{c['value']:.1f}%", f"{c['threshold']:.1f}%", ""
+        return f"{100 * c['value']:+.1f} pts", f"{100 * c['threshold']:+.1f} pts"
+    return f"{c['value']:.1f}%", f"{c['threshold']:.1f}%"
 
 
 def evaluate_gate(candidate: dict, parent: dict, cfg: GateConfig) -> dict:
@@ -94,6 +93,7 @@ def evaluate_gate(candidate: dict, parent: dict, cfg: GateConfig) -> dict:
             criteria.append(
                 {
                     "name": f"{where} accuracy change, {level} CI lower bound",
+                    "set": bench, "T": t, "kind": "accuracy",
                     "value": round(lower, 6),
                     "threshold": -cfg.max_accuracy_drop,
                     "passed": lower >= -cfg.max_accuracy_drop - _EPS,
@@ -105,6 +105,7 @@ def evaluate_gate(candidate: dict, parent: dict, cfg: GateConfig) -> dict:
             criteria.append(
                 {
                     "name": f"{where} length reduction %",
+                    "set": bench, "T": t, "kind": "length",
                     "value": round(reduction, 4),
                     "threshold": cfg.min_length_reduction_pct,
                     "passed": reduction >= cfg.min_length_reduction_pct - _EPS,

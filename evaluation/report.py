@@ -13,9 +13,9 @@ from pathlib import Path
 
 import matplotlib
 
-from concise_rl.evaluation.gate import criterion_text
 from concise_rl.evaluation.metrics import macro_average
 from concise_rl.evaluation.plots import save_figure
+from concise_rl.evaluation.tables import GATE_HEADER, gate_rows, markdown_table
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -68,11 +68,8 @@ def report_markdown(results: dict[str, dict], comparisons: dict[str, dict] | Non
 
 
 def gate_table(verdict: dict) -> list[str]:
-    lines = ["| criterion | value | threshold | passed | change [95% CI] |", "|---|---|---|---|---|"]
-    for c in verdict["criteria"]:
-        value, threshold, change = criterion_text(c)
-        lines.append(f"| {c['name']} | {value} | {threshold} | {'yes' if c['passed'] else 'NO'} | {change} |")
-    return lines
+    """The verdict as a markdown table (evaluation/tables.py's rows, as every other table shows it)."""
+    return markdown_table(GATE_HEADER, gate_rows(verdict))
 
 
 def plot_accuracy_vs_length(results: dict[str, dict], out: Path) -> Path:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import base64
 import math
-import re
 from pathlib import Path
 
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
 
-from concise_rl.evaluation.gate import criterion_text
+from concise_rl.evaluation import tables
+from concise_rl.evaluation.tables import GATE_HEADER
 
 
 def _in_prefect_run() -> bool:
@@ -42,76 +42,61 @@ def markdown(key: str, text: str, description: str) -> None:
         create_markdown_artifact(key=key, markdown=text, description=description)
 
 
-# An image artifact is a URL the browser fetches. The plots live on the run's disk or in a
-# private bucket the browser cannot reach, so they travel inside the URL (a data: URI,
-# stored in the Prefect database). The demo's PNGs are 28-166 kB; anything above
-# this size is left out of the UI (it is still in MLflow and the report folder).
+# The plots live on the run's disk or in a private bucket the browser cannot reach, so they
+# travel inside the page as data: URIs (stored in the Prefect database), in markdown
+# artifacts: the UI (v2, Prefect's default) shows a markdown image whose src is data:image/...,
+# where an image artifact would also print its whole data URI as the "Image URL" under it.
+# The demo's PNGs are 28-166 kB; anything above this size is left out of the UI (it is still
+# in MLflow and the report folder).
 MAX_IMAGE_BYTES = 2_000_000
 
 
-def artifact_key(name: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits and dashes) for ``name``: ``training_curves`` -> ``training-curves``."""
-    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-
-
-def image(key: str, path: Path, description: str) -> bool:
-    """Publish a PNG as an image artifact shown in the Prefect UI; False when skipped (no run, too large)."""
-    if not _in_prefect_run():
-        return False
+def image_markdown(path: Path, caption: str) -> str:
+    """A markdown image carrying the PNG at ``path`` as a data: URI, with a caption; the caption alone when the
+    file is over :data:`MAX_IMAGE_BYTES`."""
     data = Path(path).read_bytes()
     if len(data) > MAX_IMAGE_BYTES:
-        return False
-    create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(data).decode("ascii"),
-                          key=artifact_key(key), description=description)
-    return True
+        return f"*{caption}* (too large for the UI: {len(data) // 1000} kB)"
+    return f"![{Path(path).stem}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})\n\n*{caption}*"
+
+
+def with_plots(text: str, figures: dict[Path, str]) -> str:
+    """``text`` (markdown) followed by each PNG of ``figures`` ({path: where else to find it}), shown inline."""
+    if not figures:
+        return text
+    parts = [text.rstrip("\n"), "", "## Plots"]
+    for path, where in figures.items():
+        parts += ["", image_markdown(path, f"{Path(path).name}: {where}")]
+    return "\n".join(parts) + "\n"
+
+
+def _round(x, digits: int):
+    return round(x, digits) if isinstance(x, float) and math.isfinite(x) else x
+
+
+def step_row(r: dict) -> dict:
+    """One PPO step for the UI's table: accuracy in percent, the rest rounded to what a reader compares."""
+    accuracy = r.get("accuracy")
+    return {"step": r.get("step"), "reward": _round(r.get("reward"), 3),
+            "accuracy %": _round(100 * accuracy, 1) if isinstance(accuracy, float) else accuracy,
+            "length": _round(r.get("response_length"), 1), "kl": _round(r.get("kl"), 4),
+            "policy loss": _round(r.get("policy_loss"), 4), "value loss": _round(r.get("value_loss"), 4)}
 
 
 def gate_rows(verdict: dict) -> list[dict]:
-    """The gate verdict as a table: one row per criterion, accuracy in points and length cut in percent
-    (evaluation.gate.criterion_text), the paired ones with their change and CI."""
-    rows = []
-    for c in verdict["criteria"]:
-        value, threshold, change = criterion_text(c)
-        rows.append({"criterion": c["name"], "value": value, "threshold": threshold, "passed": bool(c["passed"]),
-                     "change [95% CI]": change})
-    rows.append({"criterion": "VERDICT", "value": "", "threshold": "", "passed": bool(verdict["passed"]),
-                 "change [95% CI]": ""})
-    return rows
+    """The gate verdict as a Prefect table (evaluation/tables.py's rows: six narrow columns, accuracy in points and
+    length cut in percent), the verdict as its last row."""
+    return [dict(zip(GATE_HEADER, row)) for row in tables.gate_rows(verdict)]
 
 
-def _fmt_len(x: float) -> str:
-    return f"{x:.1f}"
-
-
-def summary_rows(summary: dict) -> list[list[str]]:
-    """One row per model, set and temperature: accuracy with its CI, mean length, reduction."""
-    rows = []
-    for label, model in summary["models"].items():
-        for bench, temps in model["eval"].items():
-            for t, m in temps.items():
-                lo, hi = m["accuracy_ci"]
-                reduction = summary["length_reduction_pct"].get(bench, {}).get(t) if label == "phase2" else None
-                rows.append([
-                    label, f"v{model['version']}" if model['version'] != "local" else "local", bench, t,
-                    f"{100 * m['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
-                    _fmt_len(m["mean_length"]), "" if reduction is None else f"{reduction:.1f}%", str(m["n"]),
-                ])
-    return rows
-
-
-SUMMARY_HEADER = ["model", "version", "set", "T", "accuracy % [95% CI]", "mean length", "length cut", "n"]
-
-
-def summary_markdown(summary: dict, figures: dict[str, str] | None = None) -> str:
-    lines = ["# concise-rl pipeline summary", ""]
+def summary_markdown(summary: dict, figures: dict[Path, str] | None = None, gate_cfg=None) -> str:
+    """The pipeline's summary page: verdict, one table per set, the gate, and the plots shown inline."""
     verdict = "PROMOTED" if summary["promoted"] else "NOT PROMOTED"
-    lines += [f"**{verdict}**: registered model `{summary['registered_model']}`, champion version "
-              f"{summary['champion_version']}", ""]
-    lines += ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(summary)]
-    lines += ["", "## Gate", "", "| criterion | value | threshold | passed |", "|---|---|---|---|"]
-    lines += [f"| {c['name']} | {c['value']:.4g} | {c['threshold']} | {'yes' if c['passed'] else 'NO'} |"
-              for c in summary["gate"]["criteria"]]
-    if figures:
-        lines += ["", "## Plots", ""] + [f"- `{name}`: {where}" for name, where in figures.items()]
-    return "\n".join(lines) + "\n"
+    lines = ["# concise-rl pipeline summary", "",
+             f"**{verdict}**: registered model `{summary['registered_model']}`, champion version "
+             f"{summary['champion_version']}", ""]
+    for title, rows in tables.set_tables(summary["models"], gate_cfg):
+        lines += [f"## {title}", "", *tables.markdown_table(tables.SET_HEADER, rows), ""]
+    lines += [f"*{tables.set_caption(summary['models'])}*", "", "## Gate", "",
+              *tables.markdown_table(GATE_HEADER, tables.gate_rows(summary["gate"]))]
+    return with_plots("\n".join(lines) + "\n", figures or {})

@@ -337,9 +337,7 @@ def publish_training_table(phase: str, where: str = "", rows: list[dict] | None 
     if rows is None and metrics_file.is_file():
         rows = read_jsonl(metrics_file)
     if rows:
-        keys = ("step", "reward", "accuracy", "response_length", "kl", "policy_loss", "value_loss")
-        publish.table(f"{phase}-metrics", [{k: r.get(k) for k in keys} for r in rows],
-                      f"{phase} PPO metrics per step{where}")
+        publish.table(f"{phase}-metrics", [publish.step_row(r) for r in rows], f"{phase} PPO metrics per step{where}")
 
 
 def train_phase_task(cfg: PipelineConfig, phase: str, model_uri: str, problems_path: str) -> str:
@@ -467,10 +465,10 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
         mlflow.set_tag("store.evaluations.report", uploaded.uri)
         for label in models:
             results[label]["report"] = str(report_dir)
-        publish.markdown("evaluation-report", files[0].read_text(encoding="utf-8"), "concise-rl evaluation report")
-        for figure in files[1:]:
-            if figure.suffix == ".png":
-                publish.image(f"plot-{figure.stem}", figure, f"evaluation: {figure.name} ({report_dir.name})")
+        plots_shown = {f: f"{report_dir / f.name}; MLflow run {mlflow.active_run().info.run_id}, report/{f.name}"
+                       for f in files[1:] if f.suffix == ".png"}
+        publish.markdown("evaluation-report", publish.with_plots(files[0].read_text(encoding="utf-8"), plots_shown),
+                         "concise-rl evaluation report")
     return results
 
 
@@ -520,14 +518,12 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
     latest = paths.reports() / "latest"
     with replaced_dir(latest) as tmp:
         shutil.copytree(report_dir, tmp, dirs_exist_ok=True)
-    links = {f.name: f"image artifact `{publish.artifact_key('plot-' + f.stem)}`; {latest / f.name}; "
-                     f"MLflow run {run.info.run_id}, plots/{f.name}" for f in figures}
-    publish.markdown("pipeline-summary", publish.summary_markdown(summary, links), "concise-rl pipeline summary")
+    shown = {latest / f.name: f"{latest / f.name}; MLflow run {run.info.run_id}, plots/{f.name}" for f in figures}
+    publish.markdown("pipeline-summary", publish.summary_markdown(summary, shown, cfg.gate),
+                     "concise-rl pipeline summary")
     publish.table("gate-verdict", publish.gate_rows(verdict),
                   f"Gate: v{candidate['version']} against v{parent['version']} "
                   f"({'passed' if verdict['passed'] else 'failed'})")
-    for figure in figures:
-        publish.image(f"plot-{figure.stem}", latest / figure.name, f"{figure.name} (MLflow run {run.info.run_id})")
     return summary
 
 

@@ -97,10 +97,10 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path, prefect_a
     assert len(summary["gate"]["criteria"]) == 4
     for c in summary["gate"]["criteria"]:
         if "accuracy change" in c["name"]:  # the paired, statistical criterion
-            assert set(c) == {"name", "value", "threshold", "passed", "difference", "ci", "n"}
+            assert set(c) == {"name", "set", "T", "kind", "value", "threshold", "passed", "difference", "ci", "n"}
             assert c["ci"][0] == c["value"] and c["n"] == 8
         else:
-            assert set(c) == {"name", "value", "threshold", "passed"}
+            assert set(c) == {"name", "set", "T", "kind", "value", "threshold", "passed"}
     assert (home / "evaluations" / "reports").is_dir()
     # The Prefect UI's artifacts, read from the (stopped) local server's database.
     with sqlite3.connect(home / "prefect" / "prefect.db") as db:
@@ -109,13 +109,16 @@ def test_pipeline_promotes_on_pass_and_refuses_on_fail(tmp_path: Path, prefect_a
             "phase2-metrics", "gate-verdict"} <= set(artifacts)
     kind, data = artifacts["gate-verdict"]
     rows = json.loads(json.loads(data)) if isinstance(json.loads(data), str) else json.loads(data)
-    assert kind == "table" and rows[-1]["criterion"] == "VERDICT" and rows[-1]["passed"] is True
-    assert [r["criterion"] for r in rows[:-1]] == [c["name"] for c in summary["gate"]["criteria"]]
-    # The plots are in the UI itself: image artifacts carrying the PNG.
-    for plot in ("training-curves", "pass-rates", "accuracy-vs-length", "length-histograms"):
-        kind, data = artifacts[f"plot-{plot}"]
-        assert kind == "image" and json.loads(data).startswith("data:image/png;base64,iVBORw0KGgo"), plot
-    assert "image artifact `plot-training-curves`" in artifacts["pipeline-summary"][1]
+    assert kind == "table" and rows[-1]["criterion"] == "VERDICT" and rows[-1]["pass"] == "PASSED"
+    assert [(r["set"], r["T"]) for r in rows[:-1]] == [(c["set"], c["T"]) for c in summary["gate"]["criteria"]]
+    assert all(r["value"].endswith(("pts", "%")) for r in rows[:-1]), rows  # points and percent, not fractions
+    # The plots are in the pages themselves: markdown images carrying the PNG (the UI shows data:image/ sources).
+    for key, plots in (("pipeline-summary", ("training_curves", "pass_rates")),
+                       ("evaluation-report", ("accuracy_vs_length", "length_histograms"))):
+        kind, data = artifacts[key]
+        for plot in plots:
+            assert f"![{plot}](data:image/png;base64,iVBORw0KGgo" in data, (key, plot)
+    assert "## heldout: 8 problems" in artifacts["pipeline-summary"][1]
 
     v = versions(home)
     assert sorted(v) == ["1", "2", "3"]
