@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import os
 import shutil
+import re
 import subprocess
 import sys
 import zipfile
@@ -203,3 +204,15 @@ def test_the_wheel_installs_every_layer_under_concise_rl(tmp_path):
         sources |= data if folder == "training" else set()
         assert {n.removeprefix(package.replace(".", "/") + "/") for n in names
                 if n.startswith(package.replace(".", "/") + "/")} == sources, folder
+
+
+def test_the_readme_quotes_no_measured_figure_of_the_demo():
+    """BENCHMARKS.md is the one place for the demo's measured figures (issue 22, point 6): the README
+    links to it and quotes none, so the two cannot drift apart again."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    accuracies = re.findall(r"\d+\.\d+ ?/ ?\d+\.\d+%|\d+\.\d+% \[", readme)  # "99.0 / 97.4%", "98.8% ["
+    timings = re.findall(r"\b\d+(?:\.\d+)? min(?:utes?)?\b", readme)  # "18.2 minutes", but not "15-minute target"
+    assert not accuracies and not timings, (accuracies, timings)
+    assert "BENCHMARKS.md#make-demo-end-to-end" in readme
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert "## `make demo`, end to end" in benchmarks
