@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from concise_rl import console
 from concise_rl.cli import EXIT_GATE_FAILED, main
@@ -82,25 +81,26 @@ def test_the_pipeline_labels_compare_along_the_lineage():
     assert lineage(["old", "new", "newer"]) == {"old": None, "new": "old", "newer": "old"}
 
 
-@pytest.mark.parametrize("command", ["compare", "evaluate"])
-def test_compare_and_evaluate_fill_every_column_within_80_columns(command, tiny_model_dir, capsys, mlflow_home):
+def test_compare_and_evaluate_fill_every_column_within_80_columns(tiny_model_dir, capsys, mlflow_home):
     """Through the real CLI: the shipped demo base (A) against a random tiny model (B), 20 held-out and 20 hard
-    problems. B fails the gate, so `compare` exits 3 after printing everything."""
-    models = [str(BASE), str(tiny_model_dir)] if command == "compare" else \
-        ["--model", f"base={BASE}", "--model", f"tiny={tiny_model_dir}"]
-    code = main([command, *models, "--config", DEMO, "--limit", "20", "--set", "prompt.max_prompt_tokens=512",
-                 "--set", "evaluation.max_new_tokens=64"])
-    out = capsys.readouterr().out
-    assert code == (EXIT_GATE_FAILED if command == "compare" else 0)
-    _fits(out)
-    assert "heldout: 20 problems" in out and "hard: 20 problems" in out
-    rows = _rows(out)
-    assert len(rows) == 2 * 2 * 2, out
-    second = [cells for cells in rows if cells[0] in ("B", "tiny")]
-    assert len(second) == 4 and all(len(cells) == 7 for cells in second), rows  # change and cut filled
-    if command == "compare":
-        assert "gate for B against A: FAILED" in out
-        assert re.search(r"heldout\s+0\.0\s+acc change, CI low\s+-\d+\.\d pts\s+-3\.0 pts\s+NO", out), out
-        assert not re.findall(r"-0\.\d{3,}", out), out  # no fractions such as -0.006
-    else:
-        assert "change and cut: tiny vs base" in " ".join(out.split()) and "report:" in out
+    problems. B fails the gate, so `compare` exits 3 after printing everything; `evaluate` then finds both
+    evaluations cached in the home and only prints them."""
+    settings = ["--config", DEMO, "--limit", "20", "--set", "prompt.max_prompt_tokens=512",
+                "--set", "evaluation.max_new_tokens=64"]
+    for command, models, expected in (("compare", [str(BASE), str(tiny_model_dir)], EXIT_GATE_FAILED),
+                                      ("evaluate", ["--model", f"base={BASE}", "--model", f"tiny={tiny_model_dir}"], 0)):
+        code = main([command, *models, *settings])
+        out = capsys.readouterr().out
+        assert code == expected, (command, out)
+        _fits(out)
+        assert "heldout: 20 problems" in out and "hard: 20 problems" in out
+        rows = _rows(out)
+        assert len(rows) == 2 * 2 * 2, out
+        second = [cells for cells in rows if cells[0] in ("B", "tiny")]
+        assert len(second) == 4 and all(len(cells) == 7 for cells in second), rows  # change and cut filled
+        if command == "compare":
+            assert "gate for B against A: FAILED" in out
+            assert re.search(r"heldout\s+0\.0\s+acc change, CI low\s+-\d+\.\d pts\s+-3\.0 pts\s+NO", out), out
+            assert not re.findall(r"-0\.\d{3,}", out), out  # no fractions such as -0.006
+        else:
+            assert "change and cut: tiny vs base" in " ".join(out.split()) and "report:" in out
