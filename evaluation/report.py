@@ -13,9 +13,10 @@ from pathlib import Path
 
 import matplotlib
 
+from concise_rl.config import GateConfig
 from concise_rl.evaluation.metrics import macro_average
 from concise_rl.evaluation.plots import save_figure
-from concise_rl.evaluation.tables import GATE_HEADER, gate_rows, markdown_table
+from concise_rl.evaluation.tables import GATE_HEADER, SET_HEADER, gate_rows, markdown_table, set_caption, set_tables
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,36 +32,32 @@ def _len(x: float | None) -> str:
     return "" if x is None else f"{x:.0f}"
 
 
-def report_markdown(results: dict[str, dict], comparisons: dict[str, dict] | None = None) -> str:
-    """results: {label: {"version", "uri", "eval": {set: {T: summary}}}}; comparisons: {label: verdict}."""
+def report_markdown(results: dict[str, dict], comparisons: dict[str, dict] | None = None,
+                    gate_cfg: GateConfig | None = None) -> str:
+    """results: {label: {"version", "uri", "eval": {set: {T: summary}}}}; comparisons: {label: verdict}.
+
+    Narrow tables, so they stay readable in the Prefect UI's page and a terminal alike: one per set
+    (evaluation/tables.py, as the console prints them), then lengths of correct and incorrect
+    responses, then the macro average over sets.
+    """
     lines = ["# Evaluation report", ""]
     lines += ["| model | uri |", "|---|---|"]
     lines += [f"| {label} | `{r['uri']}` |" for label, r in results.items()]
-    temps = sorted({t for r in results.values() for by_t in r["eval"].values() for t in by_t}, key=float)
-    for t in temps:
-        lines += ["", f"## T = {t}", ""]
-        lines += [
-            "| model | set | n x samples | accuracy % [95% CI] | mean length | median | mean correct | "
-            "mean incorrect | truncated % |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for label, r in results.items():
-            for bench, by_t in r["eval"].items():
-                m = by_t.get(t)
-                if m is None:
-                    continue
-                lo, hi = m["accuracy_ci"]
-                lines.append(
-                    f"| {label} | {bench} | {m['n']} x {m['samples']} | {_pct(m['accuracy'])} [{_pct(lo)}, {_pct(hi)}] "
-                    f"| {_len(m['mean_length'])} | {_len(m['median_length'])} | {_len(m['mean_length_correct'])} "
-                    f"| {_len(m['mean_length_incorrect'])} | {_pct(m['truncation_rate'])} |"
-                )
-            macro = macro_average(r["eval"]).get(t)
-            if macro and macro["sets"] > 1:
-                lines.append(
-                    f"| {label} | **macro average** ({macro['sets']} sets) | | {_pct(macro['accuracy'])} "
-                    f"| {_len(macro['mean_length'])} | | | | |"
-                )
+    for title, rows in set_tables(results, gate_cfg):
+        lines += ["", f"## {title}", "", *markdown_table(SET_HEADER, rows)]
+    lines += ["", f"*{set_caption(results)}*", "", "## Lengths of correct and incorrect responses", ""]
+    rows = []
+    for label, r in results.items():
+        for bench, by_t in r["eval"].items():
+            for t, m in by_t.items():
+                rows.append([label, bench, t, f"{m['n']} x {m['samples']}", _len(m["median_length"]),
+                             _len(m["mean_length_correct"]), _len(m["mean_length_incorrect"])])
+    lines += markdown_table(["model", "set", "T", "n x samples", "median", "mean correct", "mean incorrect"], rows)
+    macro = [[label, t, _pct(m["accuracy"]), _len(m["mean_length"]), str(m["sets"])]
+             for label, r in results.items() for t, m in macro_average(r["eval"]).items() if m["sets"] > 1]
+    if macro:
+        lines += ["", "## Macro average over sets", "",
+                  *markdown_table(["model", "T", "accuracy %", "mean length", "sets"], macro)]
     for label, verdict in (comparisons or {}).items():
         lines += ["", f"## Gate: {label} — {'PASSED' if verdict['passed'] else 'FAILED'}", ""]
         lines += gate_table(verdict)
@@ -120,11 +117,12 @@ def write_report(
     responses: dict[str, list[dict]],
     out_dir: Path,
     comparisons: dict[str, dict] | None = None,
+    gate_cfg: GateConfig | None = None,
 ) -> list[Path]:
     """report.md, accuracy_vs_length.png and length_histograms.png in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "report.md"
-    md.write_text(report_markdown(results, comparisons), encoding="utf-8")
+    md.write_text(report_markdown(results, comparisons, gate_cfg), encoding="utf-8")
     return [
         md,
         plot_accuracy_vs_length(results, out_dir / "accuracy_vs_length.png"),

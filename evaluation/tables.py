@@ -51,12 +51,12 @@ def set_tables(models: dict[str, dict], gate_cfg: GateConfig | None = None,
     tables = []
     for bench in sets:
         rows = []
-        first = None
+        first, samples = None, 1
         for label in [*(x for x in parents if x in models), *(x for x in models if x not in parents)]:
             model = models[label]
             parent = models.get(parents.get(label) or "", {}).get("eval", {}).get(bench, {})
             for t, m in model["eval"].get(bench, {}).items():
-                first = first or m
+                first, samples = first or m, max(samples, m.get("samples", 1))
                 lo, hi = m["accuracy_ci"]
                 change = cut = ""
                 if t in parent:
@@ -69,8 +69,8 @@ def set_tables(models: dict[str, dict], gate_cfg: GateConfig | None = None,
                 rows.append([_model_name(label, model["version"]), t, f"{100 * m['accuracy']:.1f} [{100 * lo:.1f}, "
                              f"{100 * hi:.1f}]", change, f"{m['mean_length']:.0f}", cut,
                              f"{100 * m.get('truncation_rate', 0.0):.1f}%"])
-        samples = f", {first['samples']} samples at T > 0" if first and first.get("samples", 1) > 1 else ""
-        tables.append((f"{bench}: {first['n'] if first else 0} problems{samples}", rows))
+        sampled = f", {samples} samples at T > 0" if samples > 1 else ""
+        tables.append((f"{bench}: {first['n'] if first else 0} problems{sampled}", rows))
     return tables
 
 

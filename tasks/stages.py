@@ -458,7 +458,8 @@ def evaluate(cfg: PipelineConfig, models: dict[str, dict[str, str]]) -> dict[str
         which = stable_hash(sorted((k, v["version"], v["uri"]) for k, v in models.items()))[:8]
         report_dir = paths.evaluations() / "reports" / f"{key}-{which}"
         files = write_report(
-            results, {label: read_jsonl(folder / "responses.jsonl") for label, folder in folders.items()}, report_dir
+            results, {label: read_jsonl(folder / "responses.jsonl") for label, folder in folders.items()}, report_dir,
+            gate_cfg=cfg.gate,
         )
         mlflow.log_artifacts(str(report_dir), artifact_path="report")
         uploaded = store.upload_dir(report_dir, store.uri("evaluations", "reports", report_dir.name))

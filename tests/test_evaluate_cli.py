@@ -71,7 +71,8 @@ def test_evaluate_named_benchmarks_writes_graded_responses_summary_and_report(ti
     assert {r["answer"] for r in mmlu} <= set("ABCD")
     report = _one(home, "evaluations/reports/*")
     text = (report / "report.md").read_text()
-    assert "## T = 0.0" in text and "macro average" in text and "| tiny | aime24 | 2 x 1 |" in text
+    assert "## aime24: 2 problems, 2 samples at T > 0" in text and "## Macro average over sets" in text
+    assert "| tiny | aime24 | 0.0 | 2 x 1 |" in text and "| tiny | aime24 | 0.6 | 2 x 2 |" in text
     for png in ("accuracy_vs_length.png", "length_histograms.png"):
         assert (report / png).read_bytes()[:4] == b"\x89PNG"
 

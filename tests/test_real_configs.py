@@ -28,13 +28,31 @@ from concise_rl.synthetic import generate_problems
 from real_family import BENCHMARKS, MAX_LEVEL, MIN_LEVEL, build_family_model, needs_shared  # tests/, on the path
 
 ROOT = Path(__file__).resolve().parents[1]
-# config -> the family of the model it names.
+# config -> the family of the model it names. The R1 7B config is the 1.5B's but for the model and the
+# registry's names (test_the_r1_7b_config_takes_the_1_5b_path), so the 1.5B's run covers its path.
 REAL_CONFIGS = {
     "r1-distill-qwen-1.5b.yaml": "deepseek-r1-distill",
-    "r1-distill-qwen-7b.yaml": "deepseek-r1-distill",
     "qwen2.5-math-7b.yaml": "qwen2.5-math-base",
     "qwen2.5-math-1.5b-instruct.yaml": "qwen2.5-math-instruct",
 }
+SAME_PATH = {"r1-distill-qwen-7b.yaml": "r1-distill-qwen-1.5b.yaml"}
+
+
+@pytest.mark.parametrize(("config", "runs_as"), list(SAME_PATH.items()))
+def test_the_r1_7b_config_takes_the_1_5b_path(config: str, runs_as: str) -> None:
+    """A config left out of the end-to-end runs differs from the one that runs only in names: the model it
+    loads, its own name and its registry's. Any other difference would be a path no test took."""
+    names = {"name": None, "model": {"name_or_path"}, "registry": {"model_name", "experiment"}}
+    a = load_config(ROOT / "configs" / config).model_dump(mode="json")
+    b = load_config(ROOT / "configs" / runs_as).model_dump(mode="json")
+    for section, keys in names.items():
+        for d in (a, b):
+            if keys is None:
+                d.pop(section)
+            else:
+                for key in keys:
+                    d[section].pop(key)
+    assert a == b, f"{config} now differs from {runs_as} beyond names: add it to REAL_CONFIGS"
 NEW_TOKENS = 96
 SIZES = [
     "device=cpu",
