@@ -249,10 +249,12 @@ def _alias_uri(cfg, alias: str, hint: str = "run the stage that creates it first
                "curate/train in order) or pass --model") -> dict[str, str]:
     from concise_rl.tasks import tracking
 
+    from concise_rl.tasks.model_uri import what_exists
+
     client = tracking.setup(cfg)
     version = tracking.version_by_alias(client, cfg.registry.model_name, alias)
     if version is None:
-        raise LookupError(f"no version of {cfg.registry.model_name} has the alias '{alias}'; {hint}")
+        raise LookupError(f"{what_exists(client, cfg.registry.model_name, None, alias)}; {hint}")
     return {"version": str(version.version), "uri": tracking.model_uri(version.name, version.version)}
 
 

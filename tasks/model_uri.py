@@ -66,7 +66,8 @@ def what_exists(client, name: str, number: str | None, alias: str | None) -> str
     except MlflowException:
         names = [m.name for m in client.search_registered_models(max_results=100)]
         held = f"registered models: {', '.join(names)}" if names else "the registry holds no model yet"
-        return f"no registered model '{name}'{did_you_mean(name, names)}; {held}"
+        missing = f", so no alias '{alias}'" if alias else ""
+        return f"no registered model '{name}'{did_you_mean(name, names)}{missing}; {held}"
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
     aliases = dict(sorted(model.aliases.items(), key=lambda kv: int(kv[1])))
     held = (f"its versions: {_ranges(versions) or 'none'}; its aliases: "

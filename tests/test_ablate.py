@@ -145,7 +145,7 @@ def test_cli_refuses_unknown_variant_missing_curation_and_missing_phase1_model(t
 
     (_, err), code = results["phase1"]
     assert code == 2, err
-    assert "has the alias 'phase1'" in err and "concise-rl run" in err and "--start" in err
+    assert "no alias 'phase1'" in err and "concise-rl run" in err and "--start" in err
     assert "Traceback" not in err
 
 

@@ -83,8 +83,8 @@ HELD = "its versions: 1-3; its aliases: base (v1), phase1 (v2), candidate (v3), 
      f"{HELD}; `concise-rl models` lists"),
     (["evaluate", "--model"], "models:/concise-rl-demo/7", f"concise-rl-demo has no version 7; {HELD}"),
     (["compare", "models:/concise-rl-demo@phase1"], "models:/concise-rl-dmeo@champion",
-     "B models:/concise-rl-dmeo@champion: no registered model 'concise-rl-dmeo' (did you mean 'concise-rl-demo'?); "
-     "registered models: concise-rl-demo"),
+     "B models:/concise-rl-dmeo@champion: no registered model 'concise-rl-dmeo' (did you mean 'concise-rl-demo'?), "
+     "so no alias 'champion'; registered models: concise-rl-demo"),
     (["curate", "--model"], "models:/concise-rl-demo@phase3", "has no alias 'phase3' (did you mean 'phase1'?)"),
 ])
 def test_a_registry_reference_that_names_nothing_lists_what_exists(command, uri, expected, registry, capsys):
