@@ -152,6 +152,7 @@ class DataSource(_Strict):
             if self.name not in BENCHMARKS:
                 raise ValueError(
                     f"kind 'benchmark' needs 'name', one of {', '.join(BENCHMARKS)}; got {self.name!r}"
+                    f"{did_you_mean(self.name or '', BENCHMARKS)}"
                 )
             if self.few_shot and BENCHMARKS[self.name].kind != "choice":
                 raise ValueError(f"few_shot applies to multiple-choice benchmarks (mmlu_stem), not {self.name!r}")

@@ -57,7 +57,8 @@ def test_a_missing_local_file_names_the_file_and_the_hub_alternative(tmp_path):
 
 
 def test_unknown_names_are_refused_with_the_known_ones():
-    with pytest.raises(ProblemLoadError, match=r"unknown benchmark 'math5000'; known benchmarks: math500, aime24"):
+    with pytest.raises(ProblemLoadError,
+                       match=r"unknown benchmark 'math5000' \(did you mean 'math500'\?\); known benchmarks: math500, aime24"):
         parse_benchmarks("math500,math5000")
     with pytest.raises(ValidationError, match=r"kind 'benchmark' needs 'name', one of math500"):
         DataSource(kind="benchmark", name="math5000")
