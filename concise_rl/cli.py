@@ -3,7 +3,9 @@
 Exit codes: 0 success; 2 bad input (config, data, model path) with a message that
 says what to change; 3 the phase-2 candidate failed the promotion gate; 4 another
 pipeline holds the registry lock of the same model; 5 a training guard stopped a PPO
-phase (NaN/inf, runaway length, collapsed rewards); 1 anything else.
+phase (NaN/inf, runaway length, collapsed rewards); 143 / 130 SIGTERM / SIGINT stopped
+a PPO phase after checkpointing its last completed step (the same command resumes);
+1 anything else.
 """
 
 from __future__ import annotations
@@ -248,7 +250,6 @@ def _setup_environment() -> None:
 def _alias_uri(cfg, alias: str, hint: str = "run the stage that creates it first (concise-rl run, or "
                "curate/train in order) or pass --model") -> dict[str, str]:
     from concise_rl.tasks import tracking
-
     from concise_rl.tasks.model_uri import what_exists
 
     client = tracking.setup(cfg)
@@ -515,9 +516,13 @@ COMMANDS["models"] = _cmd_models
 
 
 def _exit_on_sigterm(signum, frame) -> None:
-    # Unwind normally (closing MLflow runs, stopping Prefect's temporary server)
-    # instead of dying with child processes left behind.
-    raise SystemExit(128 + signum)
+    from concise_rl.training import preempt
+
+    # A PPO phase that is training checkpoints its last completed step first (training/preempt.py;
+    # reached here when the phase runs outside the main thread). Otherwise unwind normally (closing
+    # MLflow runs, stopping Prefect's temporary server) instead of dying with child processes left behind.
+    if not preempt.request(signum):
+        raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         CurationError,
         DiskFullError,
         ModelLoadError,
+        PreemptedError,
         ProblemLoadError,
         TrackingServerError,
         TrainingGuardError,
@@ -563,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         (DiskFullError, 1, "", ""),  # names the folder and what to free
         # names the guard, step, value, threshold and kept checkpoint
         (TrainingGuardError, EXIT_TRAINING_STOPPED, "", " Nothing was promoted; 'champion' is unchanged."),
+        # 128 + the signal (143 SIGTERM, 130 SIGINT), as a shell reports a process the signal stopped
+        (PreemptedError, lambda exc: 128 + exc.signum, "", ""),
         (KeyboardInterrupt, 130, "interrupted; finished stages and the last checkpoint are kept, run again to resume",
          ""),
     ]
@@ -574,8 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     return _run_reporting(args.command, failures, command)
 
 
-def _run_reporting(name: str, failures: list[tuple[type | tuple[type, ...], int, str, str]], command) -> int:
-    """Run ``command``; a failure listed in ``failures`` prints one line to stderr and returns its exit code.
+def _run_reporting(name: str, failures: list[tuple[type | tuple[type, ...], object, str, str]], command) -> int:
+    """Run ``command``; a failure listed in ``failures`` prints one line to stderr and returns its exit code
+    (a number, or a function of the exception).
 
     Anything else (SystemExit from SIGTERM included) propagates.
     """
@@ -585,7 +594,7 @@ def _run_reporting(name: str, failures: list[tuple[type | tuple[type, ...], int,
         for types, code, prefix, suffix in failures:
             if isinstance(exc, types):
                 print(f"concise-rl {name}: {prefix}{exc}{suffix}", file=sys.stderr)
-                return code
+                return code(exc) if callable(code) else code
         raise
 
 

@@ -276,6 +276,9 @@ class PPOConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     checkpoint_every: int = Field(10, gt=0)
+    preempt_grace_s: float = Field(
+        20.0, gt=0.0, description="the time a SIGTERM or SIGINT gives the run to checkpoint its last completed step "
+        "and stop (training/preempt.py); a stop that takes longer says so, to lengthen the job's grace period")
     seed: int = 0
     guards: GuardConfig = GuardConfig()
 

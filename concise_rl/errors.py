@@ -57,6 +57,18 @@ class TrainingGuardError(RuntimeError):
         return type(self), (str(self), self.stop)
 
 
+class PreemptedError(RuntimeError):
+    """SIGTERM or SIGINT stopped a PPO phase after its last completed step was checkpointed
+    (training/preempt.py); the CLI exits 128 + the signal (143, 130) in one line."""
+
+    def __init__(self, message: str, step: int = 0, signum: int = 15):
+        super().__init__(message)
+        self.step, self.signum = step, signum
+
+    def __reduce__(self):  # Prefect may pickle a task's exception
+        return type(self), (str(self), self.step, self.signum)
+
+
 def nearest(word: str, choices) -> str | None:
     """The choice nearest ``word``, or None when none is near.
 

@@ -20,7 +20,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from concise_rl.config import load_config
-from concise_rl.errors import TrainingGuardError
+from concise_rl.errors import PreemptedError, TrainingGuardError
 from concise_rl.locking import registry_lock
 from concise_rl.tasks import stages
 
@@ -28,10 +28,12 @@ from concise_rl.tasks import stages
 # Prefect's input caching is off: it would hash whole configs for nothing.
 prepare_base = task(stages.prepare_base, name="prepare-base", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 curate = task(stages.curate, name="curate", cache_policy=NO_CACHE)
-# A phase a training guard stopped would only stop again: that failure is not retried.
+# A phase a training guard stopped would only stop again, and a preempted one must stop (its job is
+# going away; the deployment's retry or the restarted pod resumes it): neither failure is retried here.
 # With launch.num_processes > 1 each runs as an `accelerate launch` child job (tasks/launch.py).
 train_phase = task(stages.train_phase_task, name="train", retries=1, cache_policy=NO_CACHE,
-                   retry_condition_fn=lambda task, run, state: not isinstance(state.data, TrainingGuardError))
+                   retry_condition_fn=lambda task, run, state: not isinstance(state.data,
+                                                                              (TrainingGuardError, PreemptedError)))
 register = task(stages.register, name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 evaluate = task(stages.evaluate, name="evaluate", retries=1, cache_policy=NO_CACHE)
 promote = task(stages.promote, name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 
 from concise_rl import paths
 from concise_rl.config import PipelineConfig, redact_url
-from concise_rl.errors import TrackingServerError
+from concise_rl.errors import PreemptedError, TrackingServerError
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,27 @@ def stage_run(cfg: PipelineConfig, stage: str, *, resume_run_id: str | None = No
     """
     setup(cfg)
     if resume_run_id is not None:
-        with mlflow.start_run(run_id=resume_run_id) as run:
+        with mlflow.start_run(run_id=resume_run_id) as run, _killed_on_stop():
             mlflow.set_tags({"resumed": "true", **tags})
             yield run
         return
-    with mlflow.start_run(run_name=stage, tags={"stage": stage, "config_hash": cfg.config_hash(), **tags}) as run:
+    with mlflow.start_run(run_name=stage, tags={"stage": stage, "config_hash": cfg.config_hash(), **tags}) as run, \
+            _killed_on_stop():
         params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
                   for k, v in _flatten(cfg.loggable()).items()}
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         yield run
+
+
+@contextlib.contextmanager
+def _killed_on_stop() -> Iterator[None]:
+    """A run stopped by a signal (a preemption, Ctrl-C, a SIGTERM) ends KILLED, not FAILED: nothing went wrong
+    in it, and the same command resumes it."""
+    try:
+        yield
+    except (PreemptedError, KeyboardInterrupt, SystemExit):
+        mlflow.end_run("KILLED")
+        raise
 
 
 def unfinished_run(cfg: PipelineConfig, stage: str, run_key: str) -> str | None:

@@ -95,19 +95,49 @@ def same_number(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, prefect_api: str) -> Path:
+    """The home of one uninterrupted run of the command, which every interrupted run must end like."""
+    home = tmp_path_factory.mktemp("straight") / "home"
+    first = run(home, prefect_api)
+    assert first.returncode == 0, first.stderr[-4000:]
+    return home
+
+
+def home_with_the_same_base(straight: Path, tmp_path: Path, name: str) -> Path:
+    # The same base for both homes (the build is seeded, but copying it makes the comparison about PPO alone).
+    home = tmp_path / name / "home"
+    (base,) = (straight / "models").glob("embedded-*")
+    shutil.copytree(base, home / "models" / base.name)
+    return home
+
+
+def assert_ends_like(straight: Path, home: Path) -> None:
+    """The same final step, and bit for bit the same metrics (timings aside) and weights as the run never
+    interrupted."""
+    for phase in ("phase1", "phase2"):
+        a, b = metric_rows(straight, phase), metric_rows(home, phase)
+        assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, len(a) + 1))
+        for ra, rb in zip(a, b, strict=True):
+            assert ra.keys() == rb.keys()
+            diff = {k: (ra[k], rb[k]) for k in ra if not same_number(float(ra[k]), float(rb[k]))}
+            assert not diff, f"{phase} step {ra['step']} differs from the uninterrupted run: {diff}"
+        wa = load_file(str(straight / "checkpoints" / phase / "final" / "model.safetensors"))
+        wb = load_file(str(home / "checkpoints" / phase / "final" / "model.safetensors"))
+        assert wa.keys() == wb.keys()
+        changed = [k for k in wa if not torch.equal(wa[k], wb[k])]
+        assert not changed, f"{phase}: weights differ from the uninterrupted run in {changed}"
+    sa = json.loads((straight / "reports" / "latest" / "summary.json").read_text())
+    sb = json.loads((home / "reports" / "latest" / "summary.json").read_text())
+    assert sa["models"]["phase2"]["eval"] == sb["models"]["phase2"]["eval"]
+    assert sb["promoted"] is True and sb["champion_version"] == "3"
+    assert MODEL == sb["registered_model"]
+
+
 @pytest.mark.slow
 def test_sigkill_in_phase1_then_same_command_resumes_and_matches_an_uninterrupted_run(
-        tmp_path: Path, prefect_api: str) -> None:
-    straight, crashed = tmp_path / "straight" / "home", tmp_path / "crashed" / "home"
-    straight.parent.mkdir()
-    crashed.parent.mkdir()
-
-    first = run(straight, prefect_api)
-    assert first.returncode == 0, first.stderr[-4000:]
-
-    # The same base for both homes (the build is seeded, but copying it makes the comparison about PPO alone).
-    (base,) = (straight / "models").glob("embedded-*")
-    shutil.copytree(base, crashed / "models" / base.name)
+        straight: Path, tmp_path: Path, prefect_api: str) -> None:
+    crashed = home_with_the_same_base(straight, tmp_path, "crashed")
 
     killed_at = kill_in_phase1(crashed, prefect_api)
     assert 1 <= killed_at < STEPS, f"killed at step {killed_at}: not in the middle of phase 1"
@@ -134,21 +164,47 @@ def test_sigkill_in_phase1_then_same_command_resumes_and_matches_an_uninterrupte
     client = MlflowClient(f"sqlite:///{crashed / 'mlflow.db'}", f"sqlite:///{crashed / 'mlflow.db'}")
     assert {m.step for m in client.get_metric_history(resumed.info.run_id, "reward")} == set(range(1, STEPS + 1))
 
-    # The same final step, and bit for bit the same metrics (timings aside) and weights as the run never interrupted.
-    for phase in ("phase1", "phase2"):
-        a, b = metric_rows(straight, phase), metric_rows(crashed, phase)
-        assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, len(a) + 1))
-        for ra, rb in zip(a, b, strict=True):
-            assert ra.keys() == rb.keys()
-            diff = {k: (ra[k], rb[k]) for k in ra if not same_number(float(ra[k]), float(rb[k]))}
-            assert not diff, f"{phase} step {ra['step']} differs from the uninterrupted run: {diff}"
-        wa = load_file(str(straight / "checkpoints" / phase / "final" / "model.safetensors"))
-        wb = load_file(str(crashed / "checkpoints" / phase / "final" / "model.safetensors"))
-        assert wa.keys() == wb.keys()
-        changed = [k for k in wa if not torch.equal(wa[k], wb[k])]
-        assert not changed, f"{phase}: weights differ from the uninterrupted run in {changed}"
-    sa = json.loads((straight / "reports" / "latest" / "summary.json").read_text())
-    sb = json.loads((crashed / "reports" / "latest" / "summary.json").read_text())
-    assert sa["models"]["phase2"]["eval"] == sb["models"]["phase2"]["eval"]
-    assert sb["promoted"] is True and sb["champion_version"] == "3"
-    assert MODEL == sb["registered_model"]
+    assert_ends_like(straight, crashed)
+
+
+@pytest.mark.slow
+def test_sigterm_in_phase1_checkpoints_its_last_step_at_once_and_the_same_command_resumes(
+        straight: Path, tmp_path: Path, prefect_api: str) -> None:
+    """A preemption (issue 23, point 1): SIGTERM to the pipeline's process, as Kubernetes or a cancelled run
+    sends it, with checkpoint_every far above the phase's steps, so only the preemption writes one."""
+    home = home_with_the_same_base(straight, tmp_path, "preempted")
+    args, env = command(home, prefect_api)
+    args += ["--set", "ppo.checkpoint_every=100"]
+    metrics = home / "checkpoints" / "phase1" / "metrics.jsonl"
+    with open(tmp_path / "preempted.log", "w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 540
+            while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+                assert proc.poll() is None, f"exited ({proc.returncode}) before phase 1's first step"
+                assert time.monotonic() < deadline, "phase 1 took no step within 9 minutes"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    err = (tmp_path / "preempted.log").read_text()
+    assert proc.returncode == 143, err[-3000:]  # 128 + SIGTERM
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("concise-rl run: preempted by SIGTERM at step ") and f"of {STEPS}" in last, last
+    assert "run the same command to resume" in last and "over ppo.preempt_grace_s" not in last, last
+    pointer = home / "checkpoints" / "phase1" / "checkpoints" / "latest"
+    step = json.loads((pointer.parent / pointer.read_text().strip() / "trainer_state.json").read_text())["step"]
+    assert 1 <= step < STEPS and f"at step {step} of" in last
+    assert len(metrics.read_text().splitlines()) == step, "no step after the checkpointed one was kept"
+    (stopped,) = train_runs(home, "phase1")
+    assert stopped.info.status == "KILLED"  # not FAILED: nothing went wrong, and it is resumed below
+    assert sorted(versions(home)) == ["1"]
+
+    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert f"step-{step:06d}" in second.stderr
+    (resumed,) = train_runs(home, "phase1")
+    assert resumed.info.run_id == stopped.info.run_id and resumed.info.status == "FINISHED"
+    assert_ends_like(straight, home)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria
 
 from concise_rl.errors import ConfigError
-from concise_rl.training import kv_decode
+from concise_rl.training import kv_decode, preempt
 from concise_rl.training.ppo import response_mask
 
 ENGINES = ("auto", "kv", "hf")
@@ -100,6 +101,14 @@ def check_prompts(
     raise ConfigError(f"prompts that do not fit: {'; '.join(parts)}. {' '.join(advice)}")
 
 
+class _Preempted(StoppingCriteria):
+    """Ends HF ``generate`` at the next token when a preemption may drop the rollout (training/preempt.py)."""
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), preempt.STATE.signum is not None and preempt.STATE.abandon_ok,
+                          dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -145,6 +154,7 @@ def generate(
     greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=desc, disable=desc is None, leave=False, unit="batch"):
+        preempt.check()
         ids = prompt_ids[start : start + batch_size].to(device)
         mask = prompt_mask[start : start + batch_size].to(device)
         rows = slice(start, start + len(ids))
@@ -161,8 +171,10 @@ def generate(
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_ids,
             pad_token_id=pad_id,
+            stopping_criteria=[_Preempted()],
             **(sampling if temperature > 0 else greedy),
         )
+        preempt.check()  # generate stopped early for a preemption: drop what it returned
         new = out[:, ids.shape[1] :].cpu()
         responses[rows, : new.shape[1]] = new
     model.train(was_training)

@@ -31,6 +31,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from concise_rl.training import preempt
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
 
 
@@ -180,6 +182,7 @@ class KVDecoder:
         next_pos = positions[:, -1:] + 1  # [rows, 1]
 
         for t in range(max_new_tokens):
+            preempt.check()  # a preemption drops a rollout between tokens (training/preempt.py)
             scaled = logits.float() / temperature if temperature > 0 else logits.float()
             logp = scaled.log_softmax(-1)
             p = logp.exp()  # one softmax serves sampling (without top-p) and the entropy

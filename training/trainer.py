@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -33,10 +34,10 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig, stable_hash
-from concise_rl.errors import TrainingGuardError
+from concise_rl.errors import PreemptedError, TrainingGuardError
 from concise_rl.grader import Grade, Grader
 from concise_rl.problems import Problem, problems_hash
-from concise_rl.training import distributed, guards, ppo
+from concise_rl.training import distributed, guards, ppo, preempt
 from concise_rl.training.checkpoint import Checkpointer, Models
 from concise_rl.training.experience import (
     Rollout,
@@ -126,7 +127,7 @@ class PPOTrainer:
         self.problems_hash = problems_hash(problems)
         self.run_key = stable_hash(
             {"policy": start_key or str(policy_path), "problems": self.problems_hash,
-             "ppo": ppo_cfg.model_dump(mode="json", exclude={"guards"})}
+             "ppo": ppo_cfg.model_dump(mode="json", exclude={"guards", "preempt_grace_s"})}
         )
         if self.world > 1:
             # One key for all: a process may have resolved the start model to a path of its own.
@@ -266,7 +267,9 @@ class PPOTrainer:
         self.critic.eval()
         shard = distributed.shard_indices(acc, self.batch_indices(step))
         idx = [i for i in shard for _ in range(cfg.samples_per_prompt)]
-        with self.generation_model() as model:
+        # A preemption drops the rollout in flight (nothing has changed yet); several processes finish it
+        # instead, since one that stopped sampling early would leave the others in a collective.
+        with self.generation_model() as model, preempt.abandonable(self.world == 1):
             gen: Generation = generate(
                 model,
                 self.tokenizer,
@@ -465,6 +468,8 @@ class PPOTrainer:
 
         Raises :class:`TrainingGuardError` when a guard stops the run (or stopped it before
         with the same settings); the last checkpoint is kept and no final policy is written.
+        Raises :class:`PreemptedError` after SIGTERM or SIGINT, once the last completed step is
+        checkpointed (training/preempt.py).
         """
         done = self.finished()
         if done is not None:
@@ -473,11 +478,25 @@ class PPOTrainer:
         self.raise_if_stopped()
         self.setup()
         self.steps_done, self._history = self.checkpointer.resume_or_reset(self._models())
-        acc = self.accelerator
         bar = tqdm(total=self.cfg.steps, initial=self.steps_done, desc=f"PPO {self.out_dir.name}", unit="step",
-                   disable=not acc.is_main_process)
+                   disable=not self.accelerator.is_main_process)
+        with preempt.watching():
+            final = self._train_loop(bar)
+            self._stop_if_preempted(bar, final=final)
+        return final
+
+    def _train_loop(self, bar) -> Path:
+        acc = self.accelerator
+        self._saved_step = self.steps_done  # the step the latest checkpoint holds (0: none yet)
         while self.steps_done < self.cfg.steps:
-            metrics = self.step(self.steps_done)
+            self._stop_if_preempted(bar)
+            rng = _rng_state()
+            try:
+                metrics = self.step(self.steps_done)
+            except preempt.StepAbandoned:
+                _set_rng_state(rng)  # the step's sampling never happened, as far as the checkpoint can tell
+                self._stop_if_preempted(bar)
+                raise  # not reached: a step is abandoned only when a preemption is pending
             self.steps_done += 1
             if acc.is_main_process:
                 self.checkpointer.append_metrics(self.steps_done, metrics)
@@ -493,8 +512,38 @@ class PPOTrainer:
                             kl=f"{metrics['kl']:.3f}")
             if self.steps_done % self.cfg.checkpoint_every == 0 or self.steps_done == self.cfg.steps:
                 self.checkpointer.save(self.steps_done, self._models())
+                self._saved_step = self.steps_done
         bar.close()
         return self.checkpointer.save_final(self.steps_done, self.policy)
+
+    def _stop_if_preempted(self, bar, final: Path | None = None) -> None:
+        """Where a preemption is pending (on any process), checkpoint the last completed step unless that is
+        the latest checkpoint already, and raise :class:`PreemptedError` (training/preempt.py)."""
+        signum = preempt.requested()
+        # Every process stops at the same step, or the others would wait in a collective. Once the phase
+        # has finished no collective follows, so each process answers for itself: one more collective here,
+        # the processes' last, let one exit while another's gloo thread still ran ("terminate called").
+        if self.world > 1 and final is None:
+            signum = int(distributed.all_reduce(self.accelerator, [float(signum or 0)], "max")[0]) or None
+        if signum is None:
+            return
+        bar.close()
+        name, step, steps = signal.Signals(signum).name, self.steps_done, self.cfg.steps
+        if final is not None:
+            saved = f"the phase had finished: its final policy is in {final}"
+        elif step == 0:
+            saved = "no step had completed, so there was nothing to save"
+        else:
+            if self._saved_step != step:
+                self.checkpointer.save(step, self._models())
+                self._saved_step = step
+            saved = f"checkpoint {self.checkpointer.latest() or self.ckpt_dir} holds it"
+        waited = time.monotonic() - (preempt.STATE.at or time.monotonic())
+        late = (f"; the stop took {waited:.0f} s, over ppo.preempt_grace_s={self.cfg.preempt_grace_s:g}: give the "
+                "job a longer grace period (Kubernetes: terminationGracePeriodSeconds)"
+                if waited > self.cfg.preempt_grace_s else "")
+        raise PreemptedError(f"preempted by {name} at step {step} of {steps}: {saved}; run the same command to "
+                             f"resume{late}", step=step, signum=signum)
 
 
 def split_micro_batches(rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int, micro_batch_size: int,
@@ -516,3 +565,13 @@ def split_micro_batches(rows: torch.Tensor, lengths: torch.Tensor, prompt_width:
         groups.append(rows[start : start + size])
         start += size
     return groups
+
+
+def _rng_state() -> tuple:
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_rng_state(state: tuple) -> None:
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
