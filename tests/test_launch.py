@@ -117,7 +117,7 @@ def test_sigterm_to_the_parent_stops_the_whole_child_job(tiny_model_dir, tmp_pat
         "import sys\n"
         "from concise_rl.config import load_config\n"
         "from concise_rl.tasks import launch\n"
-        f"cfg = load_config(None, {[f'model.name_or_path={tiny_model_dir}', *PPO, 'launch.num_processes=2', 'ppo.steps=100000', 'ppo.guards.max_truncation_rate=null', 'ppo.guards.reward_collapse_patience=null']!r})\n"  # noqa: E501
+        f"cfg = load_config(None, {[f'model.name_or_path={tiny_model_dir}', *PPO, 'launch.num_processes=2', 'ppo.steps=100000', 'ppo.checkpoint_every=100000', 'ppo.guards.max_truncation_rate=null', 'ppo.guards.reward_collapse_patience=null']!r})\n"  # noqa: E501
         f"launch.train_phase_launched(cfg, 'phase1', {str(tiny_model_dir)!r}, {str(solvable(tmp_path))!r})\n"
     )
     env = {**os.environ, "CONCISE_RL_HOME": str(home), "OMP_NUM_THREADS": "1"}
@@ -137,6 +137,11 @@ def test_sigterm_to_the_parent_stops_the_whole_child_job(tiny_model_dir, tmp_pat
     while children_of(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert children_of(marker) == [], "no process of the child job is left"
+    # A preemption of the child job (training/preempt.py): its processes stopped together at a step boundary
+    # and the main one checkpointed that step, though checkpoint_every would have written none.
+    ckpts = home / "checkpoints" / "phase1" / "checkpoints"
+    step = json.loads((ckpts / (ckpts / "latest").read_text().strip() / "trainer_state.json").read_text())["step"]
+    assert step >= 1 and step == len(metrics.read_text().splitlines())
 
 
 @pytest.mark.slow
