@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def _console() -> Console:
-    # At least 80 columns: piped into a file or a CI log, rich would otherwise take 80 anyway.
+    # A terminal's own width; piped into a file or a CI log, 80 columns, which every set's table fits.
     return Console(width=None if sys.stdout.isatty() else 80)
 
 
