@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from concise_rl.config import load_config
 from concise_rl.errors import PreemptedError, TrainingGuardError
 from concise_rl.locking import registry_lock
-from concise_rl.tasks import stages
+from concise_rl.tasks import stages, tracking
 
 # Stages keep their own idempotency (registry tags, folders keyed by inputs), so
 # Prefect's input caching is off: it would hash whole configs for nothing.
@@ -48,6 +48,7 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
     cfg = load_config(config_path, overrides or [])
     with registry_lock(cfg.registry.model_name, f"pipeline flow ({config_path or 'built-in defaults'})"), \
             stages.run_tags(git_sha=git_sha):
+        tracking.close_orphaned_runs(cfg)
         return _stages(cfg)
 
 

@@ -140,6 +140,27 @@ def _killed_on_stop() -> Iterator[None]:
         raise
 
 
+def close_orphaned_runs(cfg: PipelineConfig) -> int:
+    """End KILLED the runs of the config's experiment still RUNNING when a pipeline starts; how many.
+
+    The pipeline holds the model's registry lock, so no other pipeline of this model is running: such a
+    run was left by one that died without unwinding (SIGKILL, a lost node). A training run among them
+    is reopened when its phase resumes (:func:`unfinished_run` takes KILLED runs too), as after a
+    preemption. A command run alone next to the pipeline (``concise-rl evaluate``) ends its own run
+    FINISHED when it is done, whatever this set.
+    """
+    client = MlflowClient(tracking_uri(cfg), tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.registry.experiment)
+    if experiment is None:
+        return 0
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    for run in runs:
+        client.set_terminated(run.info.run_id, "KILLED")
+    if runs:
+        log.info("ended KILLED %d MLflow run(s) a killed pipeline left RUNNING", len(runs))
+    return len(runs)
+
+
 def unfinished_run(cfg: PipelineConfig, stage: str, run_key: str) -> str | None:
     """The newest run of ``stage`` tagged with ``run_key`` that did not finish (killed or failed), if any."""
     client = MlflowClient(tracking_uri(cfg), tracking_uri(cfg))

@@ -21,23 +21,15 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from bench.killsoak import SHRUNK
 from concise_rl.problems import load_problems, problems_hash
 from concise_rl.store import MANIFEST, ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "concise-rl-demo"
 
-TINY = [
-    "model.embedded.hidden_size=32", "model.embedded.num_layers=1", "model.embedded.num_heads=2",
-    "model.embedded.num_kv_heads=1", "model.embedded.intermediate_size=64", "model.embedded.sft_examples=64",
-    "model.embedded.sft_epochs=1", "model.embedded.sft_batch_size=16",
-    "curation.candidates.num_problems=12", "curation.samples_per_problem=4", "curation.max_new_tokens=32",
-    "curation.phase1_band.high=1.0", "curation.phase2_band.low=0.0", "curation.phase2_band.high=1.0",
-    "curation.phase2_num_problems=2",
-    "ppo.steps=2", "ppo.prompts_per_step=2", "ppo.samples_per_prompt=2", "ppo.mini_batch_size=4",
-    "ppo.micro_batch_size=2", "ppo.max_new_tokens=32", "ppo.checkpoint_every=1", "phase2.ppo.steps=2",
-    "evaluation.heldout.num_problems=8", "evaluation.max_new_tokens=32", "evaluation.bootstrap_samples=100",
-]
+# The demo config on a tiny model (shared with bench/killsoak.py, which kills the same run).
+TINY = SHRUNK
 
 
 def run_cli(home: Path, *extra: str, api: str | None = None) -> subprocess.CompletedProcess:

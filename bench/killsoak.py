@@ -1,0 +1,192 @@
+"""Kill soak: SIGKILL the pipeline in every stage, re-run after each kill, and check the registry converges.
+
+Runs ``concise-rl run`` on the demo config shrunk to a tiny model (as tests/test_pipeline_e2e.py
+runs it) once uninterrupted. Then, in fresh homes with the same base, it kills runs of the same
+command (SIGKILL to the whole process group, as a lost node): each kill waits until the run has
+just finished a stage it had not finished before (curation, a phase-1 step, phase 1's final
+policy, a phase-2 step, phase 2's final policy, one model's evaluation, the report) and kills a
+random moment later, so it lands in the next stage's work: PPO between or in checkpoints,
+registration between the upload and the registry write, the evaluation, the alias moves. A
+kill at a random moment of the start (Prefect, the base) is among them. A home whose run gets
+to the end is compared with the uninterrupted one, and the next kills go to a new home:
+
+- one version per phase, with the same lineage tags (phase, parent, run key, problems hash,
+  PPO steps, config hash) and the same recorded figures (``eval.*`` tags), the same aliases;
+- no MLflow run left RUNNING, no half-written folder (``*.tmp``) in the home (checkpoints, store).
+
+The seed of the kill schedule is printed first, so a failure can be replayed with ``--seed``.
+
+    python -m bench.killsoak [--kills 10] [--seed N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "concise-rl-demo"
+# The demo config on a tiny model: a whole run takes about half a minute on 2 cores.
+SHRUNK = [
+    "model.embedded.hidden_size=32", "model.embedded.num_layers=1", "model.embedded.num_heads=2",
+    "model.embedded.num_kv_heads=1", "model.embedded.intermediate_size=64", "model.embedded.sft_examples=64",
+    "model.embedded.sft_epochs=1", "model.embedded.sft_batch_size=16",
+    "curation.candidates.num_problems=12", "curation.samples_per_problem=4", "curation.max_new_tokens=32",
+    "curation.phase1_band.high=1.0", "curation.phase2_band.low=0.0", "curation.phase2_band.high=1.0",
+    "curation.phase2_num_problems=2",
+    "ppo.steps=2", "ppo.prompts_per_step=2", "ppo.samples_per_prompt=2", "ppo.mini_batch_size=4",
+    "ppo.micro_batch_size=2", "ppo.max_new_tokens=32", "ppo.checkpoint_every=1", "phase2.ppo.steps=2",
+    "evaluation.heldout.num_problems=8", "evaluation.max_new_tokens=32", "evaluation.bootstrap_samples=100",
+]
+# A gate every candidate passes, so each run ends with a champion to compare.
+SOAK = [*SHRUNK, "ppo.steps=4", "gate.min_length_reduction_pct=-100", "gate.max_accuracy_drop=1.0"]
+LINEAGE = ("phase", "parent_version", "run_key", "problems_hash", "ppo_steps", "config_hash")
+
+
+def command(home: Path, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    args = [sys.executable, "-m", "concise_rl.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml")]
+    for item in overrides:
+        args += ["--set", item]
+    env = {**os.environ, "CONCISE_RL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "OMP_NUM_THREADS": "2"}
+    return args, env
+
+
+def _rows(path: Path) -> int:
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+# What a run has finished, in pipeline order: each is true once that piece of work is on disk.
+MILESTONES = {
+    "curation": lambda h: (h / "curation" / "latest").is_file(),
+    "a phase-1 step": lambda h: _rows(h / "checkpoints" / "phase1" / "metrics.jsonl") >= 1,
+    "phase 1's final policy": lambda h: (h / "checkpoints" / "phase1" / "final").is_dir(),
+    "a phase-2 step": lambda h: _rows(h / "checkpoints" / "phase2" / "metrics.jsonl") >= 1,
+    "phase 2's final policy": lambda h: (h / "checkpoints" / "phase2" / "final").is_dir(),
+    "one model's evaluation": lambda h: any((h / "evaluations").glob("*/summary.json")),
+    "the evaluation report": lambda h: any((h / "evaluations" / "reports").glob("*/report.md")),
+}
+
+
+def run(home: Path, overrides: list[str], kill: tuple[str | None, float] | None = None) -> tuple[int, float, str]:
+    """One pipeline run. ``kill``: (milestone, delay): SIGKILL its process group ``delay`` seconds after the
+    milestone is reached (after the start when it is None). Returns the exit code (-9 when killed), the
+    duration and the last stderr line."""
+    args, env = command(home, overrides)
+    log = home.parent / "last.log"
+    home.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out,
+                                start_new_session=True)
+        if kill is not None:
+            milestone, delay = kill
+            reached = MILESTONES[milestone] if milestone else (lambda h: True)
+            while proc.poll() is None and not reached(home):
+                time.sleep(0.02)
+            deadline = time.monotonic() + delay
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=900)
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return proc.returncode, time.monotonic() - t0, lines[-1][-160:] if lines else ""
+
+
+def registry(home: Path) -> dict:
+    """What must converge: every version's lineage and figures, the aliases, and the runs left open."""
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    versions = {}
+    for v in client.search_model_versions(f"name = '{MODEL}'"):
+        versions[v.version] = {"lineage": {k: v.tags.get(k) for k in LINEAGE},
+                               "eval": {k: v.tags[k] for k in sorted(v.tags) if k.startswith("eval.")}}
+    aliases = dict(client.get_registered_model(MODEL).aliases)
+    experiment = client.get_experiment_by_name(MODEL)
+    running = [r.info.run_id for r in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")]
+    half_written = sorted(str(p.relative_to(home)) for p in home.rglob("*.tmp"))
+    return {"versions": versions, "aliases": aliases, "running": running, "half_written": half_written}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.killsoak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=10, help="SIGKILLs in all (default 10)")
+    parser.add_argument("--seed", type=int, help="seed of the kill schedule (default: drawn, and printed)")
+    parser.add_argument("--out", type=Path, help="folder for the homes (default: a temporary one, removed)")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    print(f"kill schedule seed: {seed} (replay: python -m bench.killsoak --kills {args.kills} --seed {seed})",
+          flush=True)
+    rng = random.Random(seed)
+    out = args.out or Path(tempfile.mkdtemp(prefix="killsoak-"))
+    straight = out / "straight" / "home"
+
+    code, duration, last = run(straight, SOAK)
+    if code != 0:
+        print(f"the uninterrupted run failed ({code}): {last}", file=sys.stderr)
+        return 1
+    print(f"uninterrupted run: {duration:.0f} s", flush=True)
+    (base,) = (straight / "models").glob("embedded-*")  # the same base, so the comparison is about the rest
+    reference = registry(straight)
+
+    problems, homes, kills, episode = [], [], 0, 0
+    while kills < args.kills or homes[-1:] and not homes[-1][1]:
+        if not homes or homes[-1][1]:  # a new home once the last one's run got to the end
+            episode += 1
+            home = out / f"killed-{episode}" / "home"
+            shutil.copytree(base, home / "models" / base.name)
+            homes.append([home, False])
+        home = homes[-1][0]
+        todo = [m for m, reached in MILESTONES.items() if not reached(home)]
+        if kills < args.kills:
+            # Just after the next milestone this home has not reached (now and then the one after), so the
+            # kills walk through the stages; once all are reached, a random moment of the run (the start,
+            # the reused stages, the gate and the alias moves).
+            milestone = (todo[0] if rng.random() < 0.7 else rng.choice(todo[:2])) if todo else None
+            delay = rng.uniform(1.0, 15.0) if milestone is None else rng.uniform(0.0, 1.0)
+            code, took, last = run(home, SOAK, kill=(milestone, delay))
+        else:
+            milestone, code, took, last = None, *run(home, SOAK)
+        if code == -signal.SIGKILL:
+            kills += 1
+            print(f"kill {kills}/{args.kills} in home {episode}, {delay:.2f} s after "
+                  f"{milestone or 'the start'}; last line: {last}", flush=True)
+            continue
+        print(f"home {episode}: the run got to the end (exit {code}, {took:.0f} s)", flush=True)
+        homes[-1][1] = True
+        if code != 0:
+            problems.append(f"home {episode}: the run failed ({code}): {last}")
+            continue
+        got = registry(home)
+        for what in ("versions", "aliases"):
+            if got[what] != reference[what]:
+                problems.append(f"home {episode}: {what} differ:\n  uninterrupted "
+                                f"{json.dumps(reference[what], sort_keys=True)}\n  killed        "
+                                f"{json.dumps(got[what], sort_keys=True)}")
+        if got["running"]:
+            problems.append(f"home {episode}: MLflow runs left RUNNING: {got['running']}")
+        if got["half_written"]:
+            problems.append(f"home {episode}: half-written folders: {got['half_written']}")
+    if not args.out:
+        shutil.rmtree(out, ignore_errors=True)
+    if problems:
+        print(f"seed {seed}: a killed home does not match the uninterrupted one:\n" + "\n".join(problems))
+        return 1
+    print(f"seed {seed}: {kills} kills over {episode} homes; each ends with the uninterrupted run's registry "
+          f"({len(reference['versions'])} versions, champion v{reference['aliases'].get('champion')}), no run left "
+          "RUNNING, nothing half-written")
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
