@@ -102,8 +102,3 @@ def watching() -> Iterator[None]:
             STATE.signum = STATE.at = None
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-
-
-def exit_code(signum: int) -> int:
-    """What a process stopped by ``signum`` exits with, as a shell reports it: 143 for SIGTERM, 130 for SIGINT."""
-    return 128 + signum
