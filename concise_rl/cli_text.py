@@ -38,7 +38,9 @@ examples:
 
 exit codes: 0 ok, 1 error, 2 bad input (the message names it), 3 gate failed,
 4 another pipeline is running against the same registered model, 5 a training
-guard stopped a PPO phase (nothing registered or promoted; the message says why)
+guard stopped a PPO phase (nothing registered or promoted; the message says why),
+143 / 130 SIGTERM / SIGINT stopped a PPO phase once its last completed step was
+checkpointed (run the same command to resume)
 """
 
 
