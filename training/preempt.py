@@ -1,7 +1,7 @@
 """Preemption: SIGTERM or SIGINT while PPO trains saves the last completed step, then stops.
 
 Clusters preempt GPU jobs with SIGTERM and a grace period before SIGKILL (30 s by default
-on Kubernetes; a cancelled Prefect run and a spot reclaim do the same). Without this, a
+on Kubernetes; a spot reclaim does the same). Without this, a
 SIGTERM unwinds at once and loses every step since the last ``ppo.checkpoint_every``
 checkpoint. With it, the signal is only noted; the trainer acts on it at a safe point:
 
