@@ -27,9 +27,10 @@ def _console() -> Console:
 
 
 def _table(title: str) -> Table:
-    # No outer edge or edge padding: a set's seven columns then fit 80 characters.
+    # No outer edge, and one space between columns: a set's seven columns then fit 80 characters
+    # even with 100.0% accuracies and double-digit changes.
     return Table(title=escape(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
-                 title_justify="left")
+                 collapse_padding=True, title_justify="left")
 
 
 def models_tables(console: Console, models: dict[str, dict], gate_cfg: GateConfig | None = None,
@@ -41,7 +42,7 @@ def models_tables(console: Console, models: dict[str, dict], gate_cfg: GateConfi
     for title, rows in set_tables(models, gate_cfg, parents):
         table = _table(title)
         for col in SET_HEADER:
-            table.add_column(escape(col), no_wrap=col != "model", justify="left" if col == "model" else "right")
+            table.add_column(escape(col), no_wrap=True, justify="left" if col == "model" else "right")
         for row in rows:
             table.add_row(*map(escape, row))
         console.print()

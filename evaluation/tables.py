@@ -12,7 +12,7 @@ from __future__ import annotations
 from concise_rl.config import GateConfig
 from concise_rl.evaluation.gate import accuracy_comparison, criterion_text, length_reduction_pct
 
-SET_HEADER = ["model", "T", "acc % [95% CI]", "change, pts [95% CI]", "len", "cut", "trunc"]
+SET_HEADER = ["model", "T", "acc % [CI]", "change [CI]", "len", "cut", "trunc"]
 GATE_HEADER = ["set", "T", "criterion", "value", "threshold", "pass"]
 
 
@@ -78,8 +78,8 @@ def set_caption(models: dict[str, dict], parents: dict[str, str | None] | None =
     """What the change and cut columns compare, in words."""
     parents = parents if parents is not None else lineage(list(models))
     pairs = [f"{label} vs {parent}" for label, parent in parents.items() if parent]
-    return (f"change and cut: {', '.join(pairs) or 'no model has a parent here'} (paired accuracy change in "
-            "points with its 95% CI; mean length cut); len: mean tokens; trunc: share that hit max_new_tokens")
+    return (f"change and cut: {', '.join(pairs) or 'no model has a parent here'}; CI: 95%; change: paired "
+            "accuracy change in points; cut: mean length cut; len: mean tokens; trunc: share that hit max_new_tokens")
 
 
 def _where(c: dict) -> tuple[str, str, str]:
