@@ -78,7 +78,7 @@ def step_row(r: dict) -> dict:
     """One PPO step for the UI's table: accuracy in percent, the rest rounded to what a reader compares."""
     accuracy = r.get("accuracy")
     return {"step": r.get("step"), "reward": _round(r.get("reward"), 3),
-            "accuracy %": _round(100 * accuracy, 1) if isinstance(accuracy, float) else accuracy,
+            "accuracy %": _round(100.0 * accuracy, 1) if isinstance(accuracy, (int, float)) else accuracy,
             "length": _round(r.get("response_length"), 1), "kl": _round(r.get("kl"), 4),
             "policy loss": _round(r.get("policy_loss"), 4), "value loss": _round(r.get("value_loss"), 4)}
 
