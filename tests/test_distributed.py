@@ -107,8 +107,18 @@ def two_process_run(request, tiny_model_dir: Path, tmp_path_factory) -> Run:
     done = accelerate_launch(
         ["tests/distributed_worker.py", "--model", str(tiny_model_dir), "--out", str(out)], how=how
     )
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, launch_failure(done, out)
     return Run(out, f"DistributedType.{distributed_type}", float32, "float32" if float32 else "bfloat16")
+
+
+def launch_failure(done: subprocess.CompletedProcess, out: Path) -> str:
+    """What a failed launch left: whether each rank wrote its record, the lines that name an error (which a
+    tail of torchrun's summary hides), then the tail."""
+    written = {r: (out / f"rank{r}.json").is_file() for r in (0, 1)}
+    marks = ("Error", "error:", "terminate called", "what():", "Traceback", "Signal", "Fatal")
+    lines = [line for line in done.stderr.splitlines() if any(m in line for m in marks)]
+    return (f"exit {done.returncode}; records written: {written}\n" + "\n".join(lines[:40])
+            + "\n--- tail ---\n" + done.stderr[-2500:])
 
 
 def ranks(out: Path) -> list[dict]:
