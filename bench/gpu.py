@@ -1,4 +1,4 @@
-"""GPU benchmark on a model of DeepSeek-R1-Distill-Qwen-1.5B's shape: rollout engines and PPO steps.
+"""GPU benchmark on a model of DeepSeek-R1-Distill-Qwen-1.5B's shape: rollout engines and a paper-size PPO step.
 
 A Qwen2 with the 1.5B model's shape (hidden 1536, 28 layers, 12 heads, 2 KV heads,
 intermediate 8960, vocabulary 151936, untied embeddings: 1.78B parameters) and random
@@ -7,25 +7,29 @@ so every response runs to its token budget and the timings are of full-length
 decoding). Then, printing one JSON line per result as it goes:
 
 1. rollouts: ``concise_rl.training.generation.generate`` with transformers' ``generate``
-   (engine "hf") and with the project's KV engine (engine "kv",
-   training/kv_decode.py) on the same prompts (256 prompts of 256 tokens, 1024 new
-   tokens, one batch, T = 0.6), after a short warm-up each: generated tokens per
-   second and peak GPU memory; then a greedy token-equality check of the two
-   engines on a few short prompts;
-2. PPO: ``--ppo-steps`` steps of the project's PPOTrainer (rollout with the KV
-   engine, reference, critic, GAE, clipped policy and value update) on 8 prompts x
-   4 samples with 1024 new tokens, in bf16 with gradient checkpointing, in this
-   process (plain PyTorch); with ``--deepspeed CONFIG`` also under that accelerate
-   DeepSpeed config, started with ``accelerate launch --num_processes 1``: step
-   time, rollout and update time, tokens per second and peak GPU memory.
+   (engine "hf"), the project's KV engine ("kv", training/kv_decode.py) and its decode
+   step recorded as CUDA graphs ("graph", training/graph_decode.py) on the same prompts
+   (256 prompts of 256 tokens, 1024 new tokens, one batch, T = 0.6), after a short
+   warm-up each: generated tokens per second and peak GPU memory; then one plain line
+   ``rollout speedup N x`` (graph against hf, with both engines' tokens/s and peak
+   memory), and greedy token-equality checks (kv against hf, graph against kv) on a
+   few short prompts. An engine that fails prints ``failed`` with its error and the
+   others go on;
+2. PPO: ``--ppo-steps`` steps (default 1) of the project's PPOTrainer at the paper's
+   phase-2 size: 8 prompts x 8 samples, 8,192 new tokens, micro-batches of 2, in bf16
+   with gradient checkpointing, sampling with ``--ppo-engine`` (default "graph" on a
+   GPU), in this process (plain PyTorch); with ``--deepspeed CONFIG`` also under that
+   accelerate DeepSpeed config, started with ``accelerate launch --num_processes 1``:
+   step time, rollout and update time, tokens per second and peak GPU memory.
 
-About 6 minutes on one H200 (measured in parts on 2026-11-27: rollouts 2.5 min, each PPO mode
-about 1.5 min; BENCHMARKS.md), all of it one command:
+One command (the rollouts took 2.5 min for hf and kv on one H200 on 2026-11-27; the graph
+engine and the 8,192-token PPO step have not run on a GPU yet, so the total is not known):
 
-    python -m bench.gpu --deepspeed infra/accelerate/deepspeed-zero2.yaml | tee gpu.jsonl
+    python -m bench.gpu | tee gpu.jsonl
 
 ``--tiny`` runs every part with small shapes on the CPU (a smoke test; the figures mean
-nothing). On a CPU the memory figure is the process's peak resident set instead.
+nothing; the graph engine compiles its step with torch.compile there). On a CPU the
+memory figure is the process's peak resident set instead.
 """
 
 from __future__ import annotations
@@ -122,30 +126,54 @@ def bench_rollouts(model, tokenizer, args, device: torch.device) -> None:
     results = {}
     for engine in args.engines:
         kwargs = {"temperature": 0.6, "top_p": 1.0, "engine": engine}
-        generate(model, tokenizer, warm, max_new_tokens=8, batch_size=len(warm), **kwargs)  # kernels, allocator
-        torch.manual_seed(1)
-        reset_peak(device)
-        sync(device)
-        t0 = time.perf_counter()
-        gen = generate(model, tokenizer, prompts, max_new_tokens=args.new_tokens, batch_size=args.batch_size, **kwargs)
-        sync(device)
+        try:
+            generate(model, tokenizer, warm, max_new_tokens=8, batch_size=len(warm), **kwargs)  # kernels, allocator
+            torch.manual_seed(1)
+            reset_peak(device)
+            sync(device)
+            t0 = time.perf_counter()
+            gen = generate(model, tokenizer, prompts, max_new_tokens=args.new_tokens, batch_size=args.batch_size,
+                           **kwargs)
+            sync(device)
+        except Exception as exc:  # one engine's failure must not cost the others' figures
+            emit(stage="rollout", engine=engine, failed=f"{type(exc).__name__}: {str(exc)[:2000]}")
+            continue
         seconds = time.perf_counter() - t0
         tokens = int(gen.lengths.sum())
-        results[engine] = tokens / seconds
+        results[engine] = {"tokens_per_s": round(tokens / seconds, 1), **peak_memory(device)}
         emit(stage="rollout", engine=engine, prompts=len(prompts), prompt_tokens=args.prompt_tokens,
              max_new_tokens=args.new_tokens, batch_size=args.batch_size, generated_tokens=tokens,
-             seconds=round(seconds, 2), tokens_per_s=round(tokens / seconds, 1), **peak_memory(device))
+             seconds=round(seconds, 2), **results[engine])
         del gen
-    if {"hf", "kv"} <= results.keys():
-        emit(stage="rollout", speedup_kv_over_hf=round(results["kv"] / results["hf"], 2))
-        check = prompts[:8]
-        greedy = {e: generate(model, tokenizer, check, temperature=0.0, max_new_tokens=32, batch_size=len(check),
-                              engine=e) for e in ("hf", "kv")}
-        same = (greedy["hf"].response_ids * greedy["hf"].response_mask) == (
-            greedy["kv"].response_ids * greedy["kv"].response_mask)
+    if "hf" in results:
+        for engine in ("kv", "graph"):
+            if engine in results:
+                emit(stage="rollout", **{f"speedup_{engine}_over_hf": round(
+                    results[engine]["tokens_per_s"] / results["hf"]["tokens_per_s"], 2)})
+        best = "graph" if "graph" in results else "kv" if "kv" in results else None
+        if best:
+            fast, hf = results[best], results["hf"]
+            memory = "peak_memory_gb" if "peak_memory_gb" in hf else "peak_rss_gb"
+            print(f"rollout speedup {fast['tokens_per_s'] / hf['tokens_per_s']:.2f} x ({best} "
+                  f"{fast['tokens_per_s']:,.0f} tokens/s, peak {fast[memory]} GB; hf {hf['tokens_per_s']:,.0f} "
+                  f"tokens/s, peak {hf[memory]} GB; {args.prompts} prompts x {args.new_tokens} new tokens, T = 0.6)",
+                  flush=True)
+    greedy_checks(model, tokenizer, prompts[:8], [e for e in ("hf", "kv", "graph") if e in results])
+
+
+def greedy_checks(model, tokenizer, check: list[str], engines: list[str]) -> None:
+    """Greedy tokens of kv against hf and of graph against kv, 32 new tokens."""
+    greedy = {e: generate(model, tokenizer, check, temperature=0.0, max_new_tokens=32, batch_size=len(check),
+                          engine=e) for e in engines}
+    for engine, reference in (("kv", "hf"), ("graph", "kv")):
+        if engine not in greedy or reference not in greedy:
+            continue
+        a, b = greedy[engine], greedy[reference]
+        same = (a.response_ids * a.response_mask) == (b.response_ids * b.response_mask)
         # Random weights give near-uniform logits, so in bf16 a near-tie can break either way and the
         # rows part there: the common prefix says how far they agree.
-        emit(stage="greedy_check", new_tokens=32, rows_identical=f"{int(same.all(1).sum())}/{len(check)}",
+        emit(stage="greedy_check", engine=engine, against=reference, new_tokens=32,
+             rows_identical=f"{int(same.all(1).sum())}/{len(check)}",
              mean_common_prefix=float(same.long().cumprod(1).sum(1).float().mean()),
              dtype=str(next(model.parameters()).dtype))
 
@@ -158,7 +186,7 @@ def ppo_settings(args) -> tuple[PPOConfig, ModelConfig, PromptConfig]:
         mini_batch_size=rollouts, micro_batch_size=args.ppo_micro_batch, max_new_tokens=args.ppo_new_tokens,
         warmup_ratio=0.0, checkpoint_every=args.ppo_steps,
     )
-    model = ModelConfig(dtype=args.dtype, gradient_checkpointing=not args.tiny, generation_engine="kv")
+    model = ModelConfig(dtype=args.dtype, gradient_checkpointing=not args.tiny, generation_engine=args.ppo_engine)
     prompt = PromptConfig(instruction="", use_chat_template=False, max_prompt_tokens=args.prompt_tokens)
     return ppo, model, prompt
 
@@ -200,6 +228,7 @@ def bench_ppo(model_dir: Path, args, mode: str) -> None:
         t2 = time.perf_counter()
         if acc.is_main_process:
             emit(stage="ppo", mode=mode, step=step + 1, rollouts=ppo.prompts_per_step * ppo.samples_per_prompt,
+                 engine=args.ppo_engine, micro_batch=ppo.micro_batch_size,
                  max_new_tokens=ppo.max_new_tokens, generated_tokens=int(metrics["generated_tokens"]),
                  step_time_s=round(t2 - t0, 2), rollout_time_s=round(t1 - t0, 2), update_time_s=round(t2 - t1, 2),
                  tokens_per_s=round(metrics["generated_tokens"] / (t2 - t0), 1),
@@ -220,7 +249,7 @@ def launch_deepspeed(config: Path, model_dir: Path, args) -> None:
     forwarded = ["--device", args.device, "--dtype", args.dtype, "--prompt-tokens", str(args.prompt_tokens),
                  "--ppo-steps", str(args.ppo_steps), "--ppo-prompts", str(args.ppo_prompts),
                  "--ppo-samples", str(args.ppo_samples), "--ppo-new-tokens", str(args.ppo_new_tokens),
-                 "--ppo-micro-batch", str(args.ppo_micro_batch)]
+                 "--ppo-micro-batch", str(args.ppo_micro_batch), "--ppo-engine", args.ppo_engine]
     # The launcher's precision follows --dtype (the trainer refuses a mismatch): the configs say bf16.
     precision = LAUNCHER_PRECISION[args.dtype]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1",
@@ -248,12 +277,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, help="tokens per prompt (default 256; --tiny 16)")
     parser.add_argument("--new-tokens", type=int, help="new tokens per rollout response (default 1024; --tiny 16)")
     parser.add_argument("--batch-size", type=int, help="rollout prompts per batch (default: all in one)")
-    parser.add_argument("--engines", default="hf,kv", help="rollout engines to time, in order (default hf,kv)")
-    parser.add_argument("--ppo-steps", type=int, default=2, help="PPO steps per mode (default 2; 0: no PPO)")
-    parser.add_argument("--ppo-prompts", type=int, help="PPO prompts per step (default 8; --tiny 2)")
-    parser.add_argument("--ppo-samples", type=int, help="PPO samples per prompt (default 4; --tiny 2)")
-    parser.add_argument("--ppo-new-tokens", type=int, help="PPO response budget (default 1024; --tiny 8)")
-    parser.add_argument("--ppo-micro-batch", type=int, help="rollouts per forward/backward (default 4; --tiny 2)")
+    parser.add_argument("--engines", default="hf,kv,graph",
+                        help="rollout engines to time, in order (default hf,kv,graph)")
+    parser.add_argument("--ppo-steps", type=int, default=1, help="PPO steps per mode (default 1; 0: no PPO)")
+    parser.add_argument("--ppo-prompts", type=int, help="PPO prompts per step (default 8, the paper's; --tiny 2)")
+    parser.add_argument("--ppo-samples", type=int, help="PPO samples per prompt (default 8, the paper's; --tiny 2)")
+    parser.add_argument("--ppo-new-tokens", type=int,
+                        help="PPO response budget (default 8192, the paper's phase 2; --tiny 8)")
+    parser.add_argument("--ppo-micro-batch", type=int, help="rollouts per forward/backward (default 2, the paper's)")
+    parser.add_argument("--ppo-engine", choices=["kv", "graph", "hf"],
+                        help="the PPO rollouts' generation engine (default graph on a GPU, kv on a CPU)")
     parser.add_argument("--deepspeed", type=Path, action="append", default=[], metavar="CONFIG",
                         help="also run the PPO steps under this accelerate DeepSpeed config (repeatable)")
     parser.add_argument("--port", type=int, default=29561, help="rendezvous port of the DeepSpeed child")
@@ -263,13 +296,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     tiny = args.tiny
     defaults = {"prompts": 8 if tiny else 256, "prompt_tokens": 16 if tiny else 256, "new_tokens": 16 if tiny else 1024,
-                "ppo_prompts": 2 if tiny else 8, "ppo_samples": 2 if tiny else 4, "ppo_new_tokens": 8 if tiny else 1024,
-                "ppo_micro_batch": 2 if tiny else 4}
+                "ppo_prompts": 2 if tiny else 8, "ppo_samples": 2 if tiny else 8, "ppo_new_tokens": 8 if tiny else 8192,
+                "ppo_micro_batch": 2}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.ppo_engine = args.ppo_engine or ("graph" if args.device.startswith("cuda") else "kv")
     args.batch_size = args.batch_size or args.prompts
     args.engines = [e for e in args.engines.split(",") if e]
     args.shape = TINY if tiny else R1_DISTILL_1_5B
@@ -320,7 +354,11 @@ def main(argv: list[str] | None = None) -> None:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            bench_ppo(model_dir, args, "plain")
+            try:
+                bench_ppo(model_dir, args, "plain")
+            except Exception as exc:  # an out-of-memory at the paper's size is a result too; the rest goes on
+                emit(stage="ppo", mode="plain", failed=f"{type(exc).__name__}: {str(exc)[:2000]}",
+                     **peak_memory(device))
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

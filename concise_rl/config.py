@@ -67,10 +67,11 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
-    generation_engine: Literal["auto", "kv", "hf"] = Field(
+    generation_engine: Literal["auto", "kv", "graph", "hf"] = Field(
         "auto",
         description="sampling engine for rollouts, curation and evaluation: 'kv' is the project's KV-cache "
-        "decoder (Qwen2/Llama/Mistral), 'hf' is transformers' generate, 'auto' takes 'kv' where supported",
+        "decoder (Qwen2/Llama/Mistral), 'graph' the same with its decode step recorded as CUDA graphs on a GPU "
+        "(compiled, slow to start, on a CPU), 'hf' is transformers' generate, 'auto' takes 'kv' where supported",
     )
     embedded: EmbeddedModelConfig = EmbeddedModelConfig()
 

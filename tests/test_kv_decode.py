@@ -119,7 +119,7 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p() -> None:
 
 def test_sampler_draws_from_the_given_distribution() -> None:
     probs = torch.tensor([0.0, 0.1, 0.6, 0.0, 0.3]).repeat(20_000, 1)
-    draws = kv_decode._sample(probs, torch.Generator().manual_seed(0))
+    draws = kv_decode._sample(probs, torch.rand(len(probs), 1, generator=torch.Generator().manual_seed(0)))
     freq = torch.bincount(draws, minlength=5).float() / len(draws)
     assert freq[0] == 0 and freq[3] == 0
     torch.testing.assert_close(freq, probs[0], atol=0.01, rtol=0)

@@ -75,7 +75,7 @@ def reuse_rollout_logprobs(gen: Generation, cfg: PPOConfig, logprob_temperature:
         if cfg.rollout_logprobs == "reuse":
             raise ValueError(
                 "ppo.rollout_logprobs='reuse' needs the KV generation engine (model.generation_engine "
-                "'auto' or 'kv', on a Qwen2/Llama/Mistral model); set ppo.rollout_logprobs to 'auto' or 'recompute'"
+                "'auto', 'kv' or 'graph', on a Qwen2/Llama/Mistral model); set ppo.rollout_logprobs to 'auto' or 'recompute'"
             )
         return False
     if logprob_temperature != cfg.temperature:

@@ -11,10 +11,10 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria
 
 from concise_rl.errors import ConfigError
-from concise_rl.training import kv_decode, preempt
+from concise_rl.training import graph_decode, kv_decode, preempt
 from concise_rl.training.ppo import response_mask
 
-ENGINES = ("auto", "kv", "hf")
+ENGINES = ("auto", "kv", "graph", "hf")
 
 
 @dataclass
@@ -127,13 +127,16 @@ def generate(
 
     All prompts are left-padded to one width and all responses right-padded to
     ``max_new_tokens``, so rows from different batches line up in one tensor.
-    ``engine``: "kv" is training/kv_decode.py (Llama-family models), "hf" is
-    ``model.generate``, "auto" takes "kv" where the model supports it.
+    ``engine``: "kv" is training/kv_decode.py (Llama-family models), "graph" the same
+    sampling with the decode step recorded (training/graph_decode.py: CUDA graphs on a
+    GPU, torch.compile on a CPU), "hf" is ``model.generate``, "auto" takes "kv" where the
+    model supports it.
     """
     if engine not in ENGINES:
         raise ValueError(f"generation engine must be one of {ENGINES}, got {engine!r}")
-    use_kv = engine == "kv" or (engine == "auto" and kv_decode.supports(model))
-    decoder = kv_decode.KVDecoder(model) if use_kv else None
+    use_kv = engine in ("kv", "graph") or (engine == "auto" and kv_decode.supports(model))
+    decoder = (graph_decode.GraphDecoder(model) if engine == "graph"
+               else kv_decode.KVDecoder(model) if use_kv else None)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = enc.input_ids, enc.attention_mask
     if max_prompt_tokens is not None and prompt_ids.shape[1] > max_prompt_tokens:

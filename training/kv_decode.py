@@ -63,12 +63,27 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row by inverting the CDF: same distribution as ``torch.multinomial``, a
-    fraction of its cost on a CPU (one uniform draw per row instead of one per vocabulary entry)."""
+def _sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverting the CDF at ``u`` [rows, 1], uniform on [0, 1): same distribution as
+    ``torch.multinomial``, a fraction of its cost on a CPU (one uniform draw per row instead of one per
+    vocabulary entry)."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(len(probs), 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None):
+    """The next token of each row from its ``logits`` [rows, vocab], with its log-probability and the
+    entropy of the distribution it was drawn from (temperature-scaled, before nucleus filtering;
+    temperature 1 when greedy), in float32. ``u`` [rows, 1]: the uniform draws (unused when greedy);
+    the caller draws them, so this function holds no random state (graph_decode.py records it)."""
+    scaled = logits.float() / temperature if temperature > 0 else logits.float()
+    logp = scaled.log_softmax(-1)
+    p = logp.exp()  # one softmax serves sampling (without top-p) and the entropy
+    if temperature > 0:
+        token = _sample(_nucleus(scaled, top_p).softmax(-1) if top_p < 1.0 else p, u)
+    else:
+        token = scaled.argmax(-1)
+    return token, logp.gather(1, token[:, None]).squeeze(1), -(p * logp).sum(-1)
 
 
 class KVDecoder:
@@ -95,15 +110,10 @@ class KVDecoder:
 
         ``key_mask`` [rows, 1, new, start + new] says which cached keys each new query may see.
         """
-        rows, new, _ = x.shape
+        new = x.shape[1]
         end = start + new
         for layer, (k_cache, v_cache) in zip(self.body.layers, caches):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(rows, new, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(rows, new, self.n_kv, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(rows, new, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
+            q, k, v = self._qkv(layer, x, cos, sin)
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v
             if new == 1:
@@ -113,9 +123,25 @@ class KVDecoder:
                     q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=key_mask, scale=self.scaling,
                     enable_gqa=self.n_heads != self.n_kv,
                 )
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, new, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = self._rest_of_layer(layer, x, out)
         return self.model.lm_head(self.body.norm(x[:, -1]))  # [rows, vocab]
+
+    def _qkv(self, layer, x, cos, sin):
+        """A layer's queries, keys and values of ``x`` [rows, new, hidden], rotated: [rows, heads, new, dim]."""
+        rows, new, _ = x.shape
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(rows, new, self.n_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(rows, new, self.n_kv, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(rows, new, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = self.rope(q, k, cos, sin)
+        return q, k, v
+
+    def _rest_of_layer(self, layer, x, attended):
+        """The layer's output projection, residuals and MLP, given its attention output [rows, heads, new, dim]."""
+        rows, new, _ = x.shape
+        x = x + layer.self_attn.o_proj(attended.transpose(1, 2).reshape(rows, new, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def _decode_attention(self, q, k, v, key_mask):
         """Attention of one query per row, grouped-query without repeating K/V.
@@ -183,17 +209,13 @@ class KVDecoder:
 
         for t in range(max_new_tokens):
             preempt.check()  # a preemption drops a rollout between tokens (training/preempt.py)
-            scaled = logits.float() / temperature if temperature > 0 else logits.float()
-            logp = scaled.log_softmax(-1)
-            p = logp.exp()  # one softmax serves sampling (without top-p) and the entropy
-            if temperature > 0:
-                token = _sample(_nucleus(scaled, top_p).softmax(-1) if top_p < 1.0 else p, generator)
-            else:
-                token = scaled.argmax(-1)
+            u = (torch.rand(len(logits), 1, generator=generator, device=device, dtype=torch.float32)
+                 if temperature > 0 else None)
+            token, token_logp, token_entropy = pick(logits, temperature, top_p, u)
             out = rows[alive]
             tokens[out, t] = token[alive]
-            logprobs[out, t] = logp.gather(1, token[:, None]).squeeze(1)[alive]
-            entropy[out, t] = -(p * logp).sum(-1)[alive]
+            logprobs[out, t] = token_logp[alive]
+            entropy[out, t] = token_entropy[alive]
             alive = alive & ~torch.isin(token, eos)
             live = int(alive.sum())
             if live == 0 or t == max_new_tokens - 1:
