@@ -27,8 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -205,6 +207,89 @@ def test_sigterm_in_phase1_checkpoints_its_last_step_at_once_and_the_same_comman
     second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]
     assert f"step-{step:06d}" in second.stderr
+    (resumed,) = train_runs(home, "phase1")
+    assert resumed.info.run_id == stopped.info.run_id and resumed.info.status == "FINISHED"
+    assert_ends_like(straight, home)
+
+
+def flow_run_state(api: str, flow_run_id: str) -> dict:
+    return httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=30).json()["state"]
+
+
+def wait_final(api: str, flow_run_id: str, worker_log: Path, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while (state := flow_run_state(api, flow_run_id))["type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+        assert time.monotonic() < deadline, f"flow run still {state['type']}:\n{worker_log.read_text()[-4000:]}"
+        time.sleep(1)
+    return state
+
+
+@pytest.mark.slow
+def test_a_cancelled_deployment_run_checkpoints_its_last_step_and_the_next_run_resumes(
+        straight: Path, tmp_path: Path, prefect_api: str) -> None:
+    """Issue 23, point 1, through Prefect: a flow run of the retraining deployment on a real process worker,
+    cancelled while phase 1 trains. The worker sends the flow run's process SIGTERM (then SIGKILL after its
+    grace period); the run must checkpoint its last completed step at once, end its MLflow run KILLED and
+    leave the flow run Cancelled, and the deployment's next run must resume there and end as the
+    uninterrupted command does."""
+    from prefect_server import spawn, stop
+
+    home = home_with_the_same_base(straight, tmp_path, "cancelled")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": prefect_api,
+           "PREFECT_WORKER_QUERY_SECONDS": "1", "CONCISE_RL_HOME": str(home), "OMP_NUM_THREADS": "2",
+           "PYTHONPATH": str(ROOT)}
+    project = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
+    project["deployments"] = [d for d in project["deployments"] if d["name"] == "retrain"]
+    (dep,) = project["deployments"]
+    dep["schedules"] = []  # only the runs this test starts
+    dep["parameters"].update(config_path=str(ROOT / "configs" / "demo.yaml"),
+                             overrides=[*TINY, *EXTRA, "ppo.checkpoint_every=100"])
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(project, sort_keys=False))
+    deploy = subprocess.run([sys.executable, "-m", "concise_rl.cli", "deploy", "--config-file",
+                             str(tmp_path / "prefect.yaml"), "--pool", "cancel-test"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    deployment = httpx.get(f"{prefect_api}/deployments/name/concise-rl-pipeline/retrain", timeout=30).json()
+
+    processes: list[subprocess.Popen] = []
+    worker_log = tmp_path / "worker.log"
+    try:
+        spawn(processes, [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cancel-test",
+                          "--type", "process"], env, worker_log)
+        first = httpx.post(f"{prefect_api}/deployments/{deployment['id']}/create_flow_run", json={},
+                           timeout=30).json()["id"]
+        metrics = home / "checkpoints" / "phase1" / "metrics.jsonl"
+        deadline = time.monotonic() + 540
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            assert flow_run_state(prefect_api, first)["type"] in ("SCHEDULED", "PENDING", "RUNNING"), \
+                worker_log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "phase 1 took no step within 9 minutes"
+            time.sleep(0.05)
+        cancel = httpx.post(f"{prefect_api}/flow_runs/{first}/set_state",
+                            json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}, timeout=30)
+        assert cancel.status_code in (200, 201), cancel.text
+        state = wait_final(prefect_api, first, worker_log, timeout=180)
+        log = worker_log.read_text()
+        assert state["type"] == "CANCELLED", f"{state}\n{log[-4000:]}"
+        assert "preempted by SIGTERM at step " in log, log[-4000:]
+
+        pointer = home / "checkpoints" / "phase1" / "checkpoints" / "latest"
+        step = json.loads((pointer.parent / pointer.read_text().strip() / "trainer_state.json").read_text())["step"]
+        assert 1 <= step < STEPS and len(metrics.read_text().splitlines()) == step
+        (stopped,) = train_runs(home, "phase1")
+        assert stopped.info.status == "KILLED"
+        assert sorted(versions(home)) == ["1"]
+
+        # The deployment's next run (a retry, or the next schedule) resumes from that step.
+        second = httpx.post(f"{prefect_api}/deployments/{deployment['id']}/create_flow_run", json={},
+                            timeout=30).json()["id"]
+        state = wait_final(prefect_api, second, worker_log)
+        log = worker_log.read_text()
+        assert state["type"] == "COMPLETED", f"{state}\n{log[-4000:]}"
+        assert f"step-{step:06d}" in log
+    finally:
+        for proc in reversed(processes):
+            stop(proc)
     (resumed,) = train_runs(home, "phase1")
     assert resumed.info.run_id == stopped.info.run_id and resumed.info.status == "FINISHED"
     assert_ends_like(straight, home)
