@@ -14,9 +14,16 @@ to the end is compared with the uninterrupted one, and the next kills go to a ne
   PPO steps, config hash) and the same recorded figures (``eval.*`` tags), the same aliases;
 - no MLflow run left RUNNING, no half-written folder (``*.tmp``) in the home (checkpoints, store).
 
+Before the random kills, the crash points of concise_rl/faults.py kill one home at exact
+instants, one run each, in pipeline order: a checkpoint written but not renamed into place, a
+checkpoint renamed but its ``latest`` pointer not moved, a policy uploaded to the artifact store
+but not registered, a version registered but its alias not moved, the gate passed but
+``champion`` not moved (``--points``; each run must die there, else the point was never
+reached). Then the same command runs to the end and that home is compared as above.
+
 The seed of the kill schedule is printed first, so a failure can be replayed with ``--seed``.
 
-    python -m bench.killsoak [--kills 10] [--seed N] [--out DIR]
+    python -m bench.killsoak [--kills 10] [--points all] [--seed N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import time
 from pathlib import Path
 
 from mlflow import MlflowClient
+
+from concise_rl import faults
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "concise-rl-demo"
@@ -54,11 +63,14 @@ SOAK = [*SHRUNK, "ppo.steps=4", "gate.min_length_reduction_pct=-100", "gate.max_
 LINEAGE = ("phase", "parent_version", "run_key", "problems_hash", "ppo_steps", "config_hash")
 
 
-def command(home: Path, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+def command(home: Path, overrides: list[str], crash_at: str | None = None) -> tuple[list[str], dict[str, str]]:
     args = [sys.executable, "-m", "concise_rl.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml")]
     for item in overrides:
         args += ["--set", item]
     env = {**os.environ, "CONCISE_RL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "OMP_NUM_THREADS": "2"}
+    env.pop(faults.ENV, None)
+    if crash_at:
+        env[faults.ENV] = crash_at
     return args, env
 
 
@@ -78,11 +90,12 @@ MILESTONES = {
 }
 
 
-def run(home: Path, overrides: list[str], kill: tuple[str | None, float] | None = None) -> tuple[int, float, str]:
+def run(home: Path, overrides: list[str], kill: tuple[str | None, float] | None = None,
+        crash_at: str | None = None) -> tuple[int, float, str]:
     """One pipeline run. ``kill``: (milestone, delay): SIGKILL its process group ``delay`` seconds after the
-    milestone is reached (after the start when it is None). Returns the exit code (-9 when killed), the
-    duration and the last stderr line."""
-    args, env = command(home, overrides)
+    milestone is reached (after the start when it is None); ``crash_at``: the crash point where it kills
+    itself. Returns the exit code (-9 when killed), the duration and the last stderr line."""
+    args, env = command(home, overrides, crash_at)
     log = home.parent / "last.log"
     home.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -119,15 +132,51 @@ def registry(home: Path) -> dict:
     return {"versions": versions, "aliases": aliases, "running": running, "half_written": half_written}
 
 
+def compare(home: Path, reference: dict, label: str) -> list[str]:
+    """What differs between a home whose run got to the end and the uninterrupted run."""
+    problems, got = [], registry(home)
+    for what in ("versions", "aliases"):
+        if got[what] != reference[what]:
+            problems.append(f"{label}: {what} differ:\n  uninterrupted {json.dumps(reference[what], sort_keys=True)}"
+                            f"\n  killed        {json.dumps(got[what], sort_keys=True)}")
+    if got["running"]:
+        problems.append(f"{label}: MLflow runs left RUNNING: {got['running']}")
+    if got["half_written"]:
+        problems.append(f"{label}: half-written folders: {got['half_written']}")
+    return problems
+
+
+def crash_points(home: Path, points: list[str]) -> list[str]:
+    """One run per crash point in ``home``, each of which must die there, then a run to the end."""
+    problems = []
+    for name in points:
+        code, took, last = run(home, SOAK, crash_at=name)
+        if code != -signal.SIGKILL:
+            problems.append(f"crash point {name}: the run was not killed there (exit {code}): {last}")
+        print(f"crash point {name} ({faults.POINTS[name]}): exit {code} after {took:.0f} s", flush=True)
+    code, took, last = run(home, SOAK)
+    print(f"crash points: the run after them got to the end (exit {code}, {took:.0f} s)", flush=True)
+    if code != 0:
+        problems.append(f"crash points: the run after them failed ({code}): {last}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.killsoak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=10, help="SIGKILLs in all (default 10)")
+    parser.add_argument("--points", default="all",
+                        help=f"crash points to kill at first, comma-separated, 'all' or 'none' (default all: "
+                             f"{', '.join(faults.POINTS)})")
     parser.add_argument("--seed", type=int, help="seed of the kill schedule (default: drawn, and printed)")
     parser.add_argument("--out", type=Path, help="folder for the homes (default: a temporary one, removed)")
     args = parser.parse_args(argv)
+    points = {"all": list(faults.POINTS), "none": []}.get(args.points, [p for p in args.points.split(",") if p])
+    unknown = [p for p in points if p not in faults.POINTS]
+    if unknown:
+        parser.error(f"--points: no crash point {', '.join(unknown)}; there are {', '.join(faults.POINTS)}")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    print(f"kill schedule seed: {seed} (replay: python -m bench.killsoak --kills {args.kills} --seed {seed})",
-          flush=True)
+    print(f"kill schedule seed: {seed} (replay: python -m bench.killsoak --kills {args.kills} --points {args.points} "
+          f"--seed {seed})", flush=True)
     rng = random.Random(seed)
     out = args.out or Path(tempfile.mkdtemp(prefix="killsoak-"))
     straight = out / "straight" / "home"
@@ -141,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     reference = registry(straight)
 
     problems, homes, kills, episode = [], [], 0, 0
+    if points:
+        home = out / "crash-points" / "home"
+        shutil.copytree(base, home / "models" / base.name)
+        failed = crash_points(home, points)
+        problems += failed or compare(home, reference, "crash points")
     while kills < args.kills or homes[-1:] and not homes[-1][1]:
         if not homes or homes[-1][1]:  # a new home once the last one's run got to the end
             episode += 1
@@ -168,22 +222,14 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             problems.append(f"home {episode}: the run failed ({code}): {last}")
             continue
-        got = registry(home)
-        for what in ("versions", "aliases"):
-            if got[what] != reference[what]:
-                problems.append(f"home {episode}: {what} differ:\n  uninterrupted "
-                                f"{json.dumps(reference[what], sort_keys=True)}\n  killed        "
-                                f"{json.dumps(got[what], sort_keys=True)}")
-        if got["running"]:
-            problems.append(f"home {episode}: MLflow runs left RUNNING: {got['running']}")
-        if got["half_written"]:
-            problems.append(f"home {episode}: half-written folders: {got['half_written']}")
+        problems += compare(home, reference, f"home {episode}")
     if not args.out:
         shutil.rmtree(out, ignore_errors=True)
     if problems:
         print(f"seed {seed}: a killed home does not match the uninterrupted one:\n" + "\n".join(problems))
         return 1
-    print(f"seed {seed}: {kills} kills over {episode} homes; each ends with the uninterrupted run's registry "
+    print(f"seed {seed}: {len(points)} crash points and {kills} kills over {episode + bool(points)} homes; each "
+          f"ends with the uninterrupted run's registry "
           f"({len(reference['versions'])} versions, champion v{reference['aliases'].get('champion')}), no run left "
           "RUNNING, nothing half-written")
     return 0

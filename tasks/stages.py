@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from concise_rl import paths
+from concise_rl import faults, paths
 from concise_rl import store as artifact_store
 from concise_rl.benchmarks import load_benchmark
 from concise_rl.config import DataSource, PipelineConfig, PPOConfig, stable_hash
@@ -370,12 +370,14 @@ def register(cfg: PipelineConfig, phase: str, model_dir: str, parent: dict[str, 
     if existing is None:
         with _stage_run(cfg, f"register-{phase}", phase=phase):
             checkpoint_uri, pin = _store_checkpoint(cfg, Path(model_dir), phase)
+            faults.point("after-upload")
             existing = tracking.register_model_dir(
                 client, cfg, Path(model_dir), phase=PHASE_TAG[phase], parent_version=parent["version"],
                 # A final folder written before the trainer recorded the hash has none.
                 problems_hash=state.get("problems_hash", "unknown"), checkpoint_uri=checkpoint_uri,
                 tags={"run_key": state["run_key"], "ppo_steps": str(state["step"]), **pin, **_RUN_TAGS.get()},
             )
+    faults.point("before-alias")
     client.set_registered_model_alias(cfg.registry.model_name, PHASE_ALIAS[phase], existing.version)
     return _version_info(existing)
 
@@ -494,6 +496,7 @@ def promote(cfg: PipelineConfig, results: dict[str, dict], parent_label: str = "
         if verdict["passed"]:
             for key, value in recorded.items():
                 client.set_model_version_tag(name, version, key, value)
+            faults.point("before-champion")
             client.set_registered_model_alias(name, "champion", version)
         else:
             failed = [c["name"] for c in verdict["criteria"] if not c["passed"]]

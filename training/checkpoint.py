@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
+from concise_rl import faults
 from concise_rl.errors import DiskFullError
 from concise_rl.files import read_jsonl, read_latest
 from concise_rl.training.precision import Precision
@@ -195,9 +196,11 @@ class Checkpointer:
                     json.dumps({"step": step, "run_key": self.run_key, "base_policy": self.base_policy})
                 )
                 pointer_tmp.write_text(name)
+            faults.point("checkpoint-files")
             # Renames only from here on: nothing more to write, so a full disk cannot stop them halfway.
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
+            faults.point("checkpoint-pointer")
             os.replace(pointer_tmp, self.ckpt_dir / "latest")
             self._prune()
             log.info("checkpoint %s written", path)
