@@ -1,8 +1,10 @@
-"""Kill soak: SIGKILL the pipeline in every stage, re-run after each kill, and check the registry converges.
+"""Kill soak: kill the pipeline in every stage, re-run after each kill, and check the registry converges.
 
 Runs ``concise-rl run`` on the demo config shrunk to a tiny model (as tests/test_pipeline_e2e.py
 runs it) once uninterrupted. Then, in fresh homes with the same base, it kills runs of the same
-command (SIGKILL to the whole process group, as a lost node): each kill waits until the run has
+command (SIGKILL to the whole process group, as a lost node, or for a ``--sigterm`` share of them
+SIGTERM, as a preemption or a cancelled Prefect run, then SIGKILL if the run is still there
+30 s later): each kill waits until the run has
 just finished a stage it had not finished before (curation, a phase-1 step, phase 1's final
 policy, a phase-2 step, phase 2's final policy, one model's evaluation, the report) and kills a
 random moment later, so it lands in the next stage's work: PPO between or in checkpoints,
@@ -90,20 +92,24 @@ MILESTONES = {
 }
 
 
-def run(home: Path, overrides: list[str], kill: tuple[str | None, float] | None = None,
-        crash_at: str | None = None) -> tuple[int, float, str]:
-    """One pipeline run. ``kill``: (milestone, delay): SIGKILL its process group ``delay`` seconds after the
-    milestone is reached (after the start when it is None); ``crash_at``: the crash point where it kills
-    itself. Returns the exit code (-9 when killed), the duration and the last stderr line."""
+GRACE_S = 30.0  # Kubernetes' default terminationGracePeriodSeconds, and a Prefect process worker's wait
+
+
+def run(home: Path, overrides: list[str], kill: tuple[str | None, float, int] | None = None,
+        crash_at: str | None = None) -> tuple[int, float, str, str | None]:
+    """One pipeline run. ``kill``: (milestone, delay, signal): send the signal to its process group ``delay``
+    seconds after the milestone is reached (after the start when it is None); a SIGTERM is followed by a
+    SIGKILL after GRACE_S, as a cluster does. ``crash_at``: the crash point where it kills itself. Returns
+    the exit code (-9 when killed), the duration, the last stderr line and what was sent (None: nothing)."""
     args, env = command(home, overrides, crash_at)
     log = home.parent / "last.log"
     home.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
+    t0, sent = time.monotonic(), None
     with open(log, "w") as out:
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out,
                                 start_new_session=True)
         if kill is not None:
-            milestone, delay = kill
+            milestone, delay, sig = kill
             reached = MILESTONES[milestone] if milestone else (lambda h: True)
             while proc.poll() is None and not reached(home):
                 time.sleep(0.02)
@@ -111,10 +117,17 @@ def run(home: Path, overrides: list[str], kill: tuple[str | None, float] | None 
             while proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.01)
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, sig)
+                sent = signal.Signals(sig).name
+                if sig != signal.SIGKILL:
+                    try:
+                        proc.wait(timeout=GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        sent += f", then SIGKILL after {GRACE_S:g} s"
         proc.wait(timeout=900)
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return proc.returncode, time.monotonic() - t0, lines[-1][-160:] if lines else ""
+    return proc.returncode, time.monotonic() - t0, lines[-1][-160:] if lines else "", sent
 
 
 def registry(home: Path) -> dict:
@@ -150,11 +163,11 @@ def crash_points(home: Path, points: list[str]) -> list[str]:
     """One run per crash point in ``home``, each of which must die there, then a run to the end."""
     problems = []
     for name in points:
-        code, took, last = run(home, SOAK, crash_at=name)
+        code, took, last, _ = run(home, SOAK, crash_at=name)
         if code != -signal.SIGKILL:
             problems.append(f"crash point {name}: the run was not killed there (exit {code}): {last}")
         print(f"crash point {name} ({faults.POINTS[name]}): exit {code} after {took:.0f} s", flush=True)
-    code, took, last = run(home, SOAK)
+    code, took, last, _ = run(home, SOAK)
     print(f"crash points: the run after them got to the end (exit {code}, {took:.0f} s)", flush=True)
     if code != 0:
         problems.append(f"crash points: the run after them failed ({code}): {last}")
@@ -167,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", default="all",
                         help=f"crash points to kill at first, comma-separated, 'all' or 'none' (default all: "
                              f"{', '.join(faults.POINTS)})")
+    parser.add_argument("--sigterm", type=float, default=0.5, metavar="SHARE",
+                        help=f"share of the random kills sent as SIGTERM (then SIGKILL after {GRACE_S:g} s, as a "
+                             "cluster or a Prefect worker does) instead of SIGKILL (default 0.5; seeds from before "
+                             "this option replay with 0)")
     parser.add_argument("--seed", type=int, help="seed of the kill schedule (default: drawn, and printed)")
     parser.add_argument("--out", type=Path, help="folder for the homes (default: a temporary one, removed)")
     args = parser.parse_args(argv)
@@ -176,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--points: no crash point {', '.join(unknown)}; there are {', '.join(faults.POINTS)}")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     print(f"kill schedule seed: {seed} (replay: python -m bench.killsoak --kills {args.kills} --points {args.points} "
-          f"--seed {seed})", flush=True)
+          f"--sigterm {args.sigterm:g} --seed {seed})", flush=True)
     rng = random.Random(seed)
     out = args.out or Path(tempfile.mkdtemp(prefix="killsoak-"))
     straight = out / "straight" / "home"
 
-    code, duration, last = run(straight, SOAK)
+    code, duration, last, _ = run(straight, SOAK)
     if code != 0:
         print(f"the uninterrupted run failed ({code}): {last}", file=sys.stderr)
         return 1
@@ -209,13 +226,18 @@ def main(argv: list[str] | None = None) -> int:
             # the reused stages, the gate and the alias moves).
             milestone = (todo[0] if rng.random() < 0.7 else rng.choice(todo[:2])) if todo else None
             delay = rng.uniform(1.0, 15.0) if milestone is None else rng.uniform(0.0, 1.0)
-            code, took, last = run(home, SOAK, kill=(milestone, delay))
+            # Drawn only when asked for, so a seed run without SIGTERMs replays as before.
+            sig = signal.SIGTERM if args.sigterm and rng.random() < args.sigterm else signal.SIGKILL
+            code, took, last, sent = run(home, SOAK, kill=(milestone, delay, sig))
         else:
-            milestone, code, took, last = None, *run(home, SOAK)
-        if code == -signal.SIGKILL:
+            milestone, sent, (code, took, last, _) = None, None, run(home, SOAK)
+        if sent is not None and code != 0:
             kills += 1
-            print(f"kill {kills}/{args.kills} in home {episode}, {delay:.2f} s after "
-                  f"{milestone or 'the start'}; last line: {last}", flush=True)
+            print(f"kill {kills}/{args.kills} in home {episode}: {sent} {delay:.2f} s after "
+                  f"{milestone or 'the start'}, exit {code}; last line: {last}", flush=True)
+            if "then SIGKILL" in sent:
+                problems.append(f"home {episode}: a SIGTERM {delay:.2f} s after {milestone or 'the start'} did not "
+                                f"stop the run within {GRACE_S:g} s")
             continue
         print(f"home {episode}: the run got to the end (exit {code}, {took:.0f} s)", flush=True)
         homes[-1][1] = True

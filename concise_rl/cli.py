@@ -246,10 +246,12 @@ def _latest_curation(hint: str = "run `concise-rl curate` first or pass --proble
 def _cmd_run(args, cfg) -> int:
     from concise_rl import console
     from concise_rl.flows.pipeline import pipeline
+    from concise_rl.local_server import use_temporary_server
 
     # Taken here too (the flow takes it again, re-entrantly), so a second run stops
-    # before it starts Prefect's temporary server.
+    # before it starts Prefect's temporary server (in its own session: local_server.py).
     with _registry_lock(cfg, f"concise-rl run ({args.config or 'built-in defaults'})"):
+        use_temporary_server()
         summary = pipeline(config_path=args.config, overrides=args.overrides, git_sha=args.git_sha)
     console.print_summary(summary, cfg.gate)
     return _gate_exit(summary)

@@ -212,6 +212,9 @@ def test_sigterm_in_phase1_checkpoints_its_last_step_at_once_and_the_same_comman
     assert_ends_like(straight, home)
 
 
+LONG = 300  # phase-1 steps of the cancelled deployment run: about 15 s of tiny PPO
+
+
 def flow_run_state(api: str, flow_run_id: str) -> dict:
     return httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=30).json()["state"]
 
@@ -230,8 +233,10 @@ def test_a_cancelled_deployment_run_checkpoints_its_last_step_and_the_next_run_r
     """Issue 23, point 1, through Prefect: a flow run of the retraining deployment on a real process worker,
     cancelled while phase 1 trains. The worker sends the flow run's process SIGTERM (then SIGKILL after its
     grace period); the run must checkpoint its last completed step at once, end its MLflow run KILLED and
-    leave the flow run Cancelled, and the deployment's next run must resume there and end as the
-    uninterrupted command does."""
+    leave the flow run Cancelled, and the deployment's next run must resume there and finish the phase in
+    the same MLflow run. Phase 1 is long here (the worker takes a second or two to act on a cancellation,
+    longer than 4 tiny steps); that a resume ends bit for bit as an uninterrupted run is the SIGTERM
+    test's job above."""
     from prefect_server import spawn, stop
 
     home = home_with_the_same_base(straight, tmp_path, "cancelled")
@@ -242,8 +247,12 @@ def test_a_cancelled_deployment_run_checkpoints_its_last_step_and_the_next_run_r
     project["deployments"] = [d for d in project["deployments"] if d["name"] == "retrain"]
     (dep,) = project["deployments"]
     dep["schedules"] = []  # only the runs this test starts
+    # The tiny model never answers and is cut off at 32 tokens, which the training guards would (rightly)
+    # stop within 5 steps: they are off here.
     dep["parameters"].update(config_path=str(ROOT / "configs" / "demo.yaml"),
-                             overrides=[*TINY, *EXTRA, "ppo.checkpoint_every=100"])
+                             overrides=[*TINY, *EXTRA, f"phase1.ppo.steps={LONG}", "ppo.checkpoint_every=10000",
+                                        "ppo.guards.max_truncation_rate=null",
+                                        "ppo.guards.reward_collapse_patience=null"])
     (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(project, sort_keys=False))
     deploy = subprocess.run([sys.executable, "-m", "concise_rl.cli", "deploy", "--config-file",
                              str(tmp_path / "prefect.yaml"), "--pool", "cancel-test"],
@@ -275,7 +284,7 @@ def test_a_cancelled_deployment_run_checkpoints_its_last_step_and_the_next_run_r
 
         pointer = home / "checkpoints" / "phase1" / "checkpoints" / "latest"
         step = json.loads((pointer.parent / pointer.read_text().strip() / "trainer_state.json").read_text())["step"]
-        assert 1 <= step < STEPS and len(metrics.read_text().splitlines()) == step
+        assert 1 <= step < LONG and len(metrics.read_text().splitlines()) == step
         (stopped,) = train_runs(home, "phase1")
         assert stopped.info.status == "KILLED"
         assert sorted(versions(home)) == ["1"]
@@ -292,4 +301,76 @@ def test_a_cancelled_deployment_run_checkpoints_its_last_step_and_the_next_run_r
             stop(proc)
     (resumed,) = train_runs(home, "phase1")
     assert resumed.info.run_id == stopped.info.run_id and resumed.info.status == "FINISHED"
-    assert_ends_like(straight, home)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, LONG + 1))
+    assert sorted(versions(home)) == ["1", "2", "3"]
+
+
+def _server_pid(log: Path) -> int:
+    for line in log.read_text().splitlines():
+        if "temporary Prefect server on http://127.0.0.1:" in line:
+            return int(line.rsplit("(pid ", 1)[1].rstrip(")"))
+    raise AssertionError(f"no temporary Prefect server in the log:\n{log.read_text()[-3000:]}")
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_whole_group_stops_in_seconds_and_a_killed_command_leaves_no_prefect_server(
+        straight: Path, tmp_path: Path, prefect_api: str) -> None:
+    """Without $PREFECT_API_URL, `concise-rl run` starts a temporary Prefect server. Prefect's own would be
+    in the command's process group, so a Ctrl-C (SIGINT to the group) stopped it with the run, and the
+    run then waited on it for minutes before exiting. concise_rl/local_server.py keeps the server in its
+    own session, tied to the command's life."""
+    home = home_with_the_same_base(straight, tmp_path, "ctrl-c")
+    args, env = command(home, prefect_api)
+    env.pop("PREFECT_API_URL")
+    metrics = home / "checkpoints" / "phase1" / "metrics.jsonl"
+    log = tmp_path / "ctrl-c.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 540
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            assert proc.poll() is None, f"exited ({proc.returncode}) before phase 1's first step"
+            assert time.monotonic() < deadline, "phase 1 took no step within 9 minutes"
+            time.sleep(0.01)
+        server = _server_pid(log)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        proc.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = log.read_text().strip().splitlines()[-1]
+    assert proc.returncode == 130, log.read_text()[-3000:]  # 128 + SIGINT
+    assert last.startswith(("concise-rl run: preempted by SIGINT at step ", "concise-rl run: interrupted")), last
+    assert took < 20, f"the run took {took:.0f} s to stop after Ctrl-C"
+    assert _gone(server, 10), "the temporary Prefect server outlived the command"
+
+    # SIGKILL to the command alone (not its group): the server goes with it.
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "temporary Prefect server on" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        server = _server_pid(log)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert _gone(server, 10), "a SIGKILLed command left its temporary Prefect server running"
