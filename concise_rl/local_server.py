@@ -60,7 +60,7 @@ def use_temporary_server() -> str | None:
     earlier, Prefect waits on a dead server at exit, without end."""
     if os.environ.get("PREFECT_API_URL", "").strip():
         return None
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
     home.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,8 @@ def use_temporary_server() -> str | None:
     # Prefect read its settings when it was imported; these hold until the command exits (the reference
     # keeps the context open: collected, it would restore the old settings).
     global _SETTINGS
-    _SETTINGS = temporary_settings(updates={PREFECT_API_URL: url})
+    # No UI URL: the server serves none (as in Prefect's ephemeral mode), so Prefect prints no dead "View at" link.
+    _SETTINGS = temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: ""})
     _SETTINGS.__enter__()
     os.environ["PREFECT_API_URL"] = url  # and child processes (accelerate launch jobs) find it too
     return url
