@@ -18,10 +18,10 @@ from concise_rl.config import PromptConfig
 from concise_rl.errors import ConfigError
 from concise_rl.synthetic import generate_problems
 from concise_rl.training import graph_decode, kv_decode, prebuilt
-from concise_rl.training.experience import policy_forward
 from concise_rl.training.generation import eos_token_ids, generate
 from concise_rl.training.models import format_prompt, load_tokenizer
 from concise_rl.training.ppo import response_mask
+from tests.test_kv_decode import assert_matches_the_training_forward
 
 MAX_NEW = 40
 BASE_NEW = 128  # the demo base's greedy answers end between ~40 and 128 tokens
@@ -89,15 +89,7 @@ def test_sampled_logprobs_match_the_training_forward(policy, top_p: float) -> No
     assert len({r for r, _ in decoder.visited}) >= 3 and (lengths < MAX_NEW).float().mean() > 0.5, lengths.tolist()
     assert (tokens[~rmask] == tok.pad_token_id).all()
     assert (logprobs[~rmask] == 0).all() and (entropy[~rmask] == 0).all()
-    width = int(lengths.max())
-    full_ids = torch.cat([ids, tokens[:, :width]], 1)
-    full_mask = torch.cat([mask, rmask[:, :width].long()], 1)
-    with torch.no_grad():
-        expected, logits = policy_forward(model, full_ids, full_mask, width, 0.7, tokens[:, :width])
-    m = rmask[:, :width]
-    torch.testing.assert_close(logprobs[:, :width][m], expected[m], atol=1e-4, rtol=0)
-    ent = -(logits.log_softmax(-1).exp() * logits.log_softmax(-1)).sum(-1)
-    torch.testing.assert_close(entropy[:, :width][m], ent[m], atol=1e-4, rtol=0)
+    assert_matches_the_training_forward(model, ids, mask, tokens, logprobs, entropy, rmask, 0.7)
 
 
 def test_the_same_seed_samples_the_same_tokens(policy) -> None:

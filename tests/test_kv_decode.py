@@ -99,11 +99,17 @@ def test_sampled_logprobs_match_the_training_forward(stopping_policy: Path, top_
     lengths = rmask.sum(1)
     assert len(set(lengths.tolist())) >= 5 and (lengths < 40).float().mean() > 0.5, lengths.tolist()
     assert (logprobs[~rmask] == 0).all() and (entropy[~rmask] == 0).all()
-    width = int(lengths.max())
+    assert_matches_the_training_forward(model, ids, mask, tokens, logprobs, entropy, rmask, 0.7)
+
+
+def assert_matches_the_training_forward(model, ids, mask, tokens, logprobs, entropy, rmask, temperature: float):
+    """Every sampled token's log-prob and entropy (where ``rmask``) equal, to 1e-4, those of one training
+    forward pass over prompt + response at ``temperature``."""
+    width = int(rmask.sum(1).max())
     full_ids = torch.cat([ids, tokens[:, :width]], 1)
     full_mask = torch.cat([mask, rmask[:, :width].long()], 1)
     with torch.no_grad():
-        expected, logits = policy_forward(model, full_ids, full_mask, width, 0.7, tokens[:, :width])
+        expected, logits = policy_forward(model, full_ids, full_mask, width, temperature, tokens[:, :width])
     m = rmask[:, :width]
     torch.testing.assert_close(logprobs[:, :width][m], expected[m], atol=1e-4, rtol=0)
     ent = -(logits.log_softmax(-1).exp() * logits.log_softmax(-1)).sum(-1)

@@ -93,6 +93,15 @@ def metric_rows(home: Path, phase: str) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
+def wait_for_a_step(proc: subprocess.Popen, metrics: Path) -> None:
+    """Until the phase whose ``metrics`` log this is has completed a step (the run still going)."""
+    deadline = time.monotonic() + 540
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, f"exited ({proc.returncode}) before phase 1's first step"
+        assert time.monotonic() < deadline, "phase 1 took no step within 9 minutes"
+        time.sleep(0.01)
+
+
 def same_number(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
@@ -181,11 +190,7 @@ def test_sigterm_in_phase1_checkpoints_its_last_step_at_once_and_the_same_comman
     with open(tmp_path / "preempted.log", "w") as log:
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         try:
-            deadline = time.monotonic() + 540
-            while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
-                assert proc.poll() is None, f"exited ({proc.returncode}) before phase 1's first step"
-                assert time.monotonic() < deadline, "phase 1 took no step within 9 minutes"
-                time.sleep(0.01)
+            wait_for_a_step(proc, metrics)
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
         finally:
@@ -339,11 +344,7 @@ def test_ctrl_c_to_the_whole_group_stops_in_seconds_and_a_killed_command_leaves_
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        deadline = time.monotonic() + 540
-        while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
-            assert proc.poll() is None, f"exited ({proc.returncode}) before phase 1's first step"
-            assert time.monotonic() < deadline, "phase 1 took no step within 9 minutes"
-            time.sleep(0.01)
+        wait_for_a_step(proc, metrics)
         server = _server_pid(log)
         os.killpg(proc.pid, signal.SIGINT)
         t0 = time.monotonic()

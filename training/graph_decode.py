@@ -210,14 +210,10 @@ class GraphDecoder(KVDecoder):
         eos = torch.tensor(eos_token_ids, device=device)
         sampling = (temperature, top_p, eos, pad_token_id)
 
-        # Prefill, eagerly: causal attention over the prompt (a padding query sees itself), then the first token.
+        # Prefill, eagerly, then the first token.
         buf.valid[:, :width] = prompt_mask.bool()
         positions = _position_ids(prompt_mask)
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        mask = (causal & buf.valid[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
-        x = self.body.embed_tokens(prompt_ids)
-        cos, sin = self.body.rotary_emb(x, positions)
-        logits = self._layers(x, cos, sin, buf.caches, 0, mask[:, None])
+        logits = self._prefill(prompt_ids, prompt_mask, positions, buf.caches)
         if temperature > 0:
             buf.u.uniform_(generator=generator)
         first, logp, entropy = pick(logits, temperature, top_p, buf.u)

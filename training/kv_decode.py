@@ -156,6 +156,17 @@ class KVDecoder:
         out = torch.matmul(scores.softmax(-1), v)  # [rows, n_kv, group, dim]
         return out.view(rows, self.n_heads, 1, dim)
 
+    def _prefill(self, prompt_ids, prompt_mask, positions, caches) -> torch.Tensor:
+        """Causal attention over the left-padded prompts, their keys and values into cache columns
+        ``:width``; the logits of each row's next token. A padding query sees itself, so softmax stays finite."""
+        width = prompt_ids.shape[1]
+        device = prompt_ids.device
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        mask = (causal & prompt_mask.bool()[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
+        x = self.body.embed_tokens(prompt_ids)
+        cos, sin = self.body.rotary_emb(x, positions)
+        return self._layers(x, cos, sin, caches, 0, mask[:, None])
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(
@@ -199,12 +210,7 @@ class KVDecoder:
         rows = torch.arange(batch, device=device)  # output row of each cache row
         alive = torch.ones(batch, dtype=torch.bool, device=device)  # cache rows still generating
 
-        # Prefill: causal attention over the prompt; a padding query sees itself so softmax stays finite.
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        mask = (causal & valid[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
-        x = self.body.embed_tokens(prompt_ids)
-        cos, sin = self.body.rotary_emb(x, positions)
-        logits = self._layers(x, cos, sin, caches, 0, mask[:, None])
+        logits = self._prefill(prompt_ids, prompt_mask, positions, caches)
         next_pos = positions[:, -1:] + 1  # [rows, 1]
 
         for t in range(max_new_tokens):
