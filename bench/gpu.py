@@ -14,7 +14,7 @@ decoding). Then, printing one JSON line per result as it goes:
    ``rollout speedup N x`` (graph against hf, with both engines' tokens/s and peak
    memory), and greedy token-equality checks (kv against hf, graph against kv) on a
    few short prompts. An engine that fails prints ``failed`` with its error and the
-   others go on;
+   others go on (when it is the PPO part's engine, that part samples with kv instead);
 2. PPO: ``--ppo-steps`` steps (default 1) of the project's PPOTrainer at the paper's
    phase-2 size: 8 prompts x 8 samples, 8,192 new tokens, micro-batches of 2, in bf16
    with gradient checkpointing, sampling with ``--ppo-engine`` (default "graph" on a
@@ -120,10 +120,11 @@ def random_prompts(n: int, length: int, seed: int = 0) -> list[str]:
 
 
 # ----------------------------------------------------------------- rollouts
-def bench_rollouts(model, tokenizer, args, device: torch.device) -> None:
+def bench_rollouts(model, tokenizer, args, device: torch.device) -> set[str]:
+    """Time each engine of ``args.engines``; the engines that failed."""
     prompts = random_prompts(args.prompts, args.prompt_tokens)
     warm = prompts[: min(8, len(prompts))]
-    results = {}
+    results, failed = {}, set()
     for engine in args.engines:
         kwargs = {"temperature": 0.6, "top_p": 1.0, "engine": engine}
         try:
@@ -137,6 +138,7 @@ def bench_rollouts(model, tokenizer, args, device: torch.device) -> None:
             sync(device)
         except Exception as exc:  # one engine's failure must not cost the others' figures
             emit(stage="rollout", engine=engine, failed=f"{type(exc).__name__}: {str(exc)[:2000]}")
+            failed.add(engine)
             continue
         seconds = time.perf_counter() - t0
         tokens = int(gen.lengths.sum())
@@ -159,6 +161,7 @@ def bench_rollouts(model, tokenizer, args, device: torch.device) -> None:
                   f"tokens/s, peak {hf[memory]} GB; {args.prompts} prompts x {args.new_tokens} new tokens, T = 0.6)",
                   flush=True)
     greedy_checks(model, tokenizer, prompts[:8], [e for e in ("hf", "kv", "graph") if e in results])
+    return failed
 
 
 def greedy_checks(model, tokenizer, check: list[str], engines: list[str]) -> None:
@@ -345,7 +348,11 @@ def main(argv: list[str] | None = None) -> None:
     emit(stage="setup", device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
          dtype=args.dtype, parameters=sum(p.numel() for p in model.parameters()), shape=args.shape,
          torch=torch.__version__, transformers=transformers.__version__, build_s=round(time.perf_counter() - start, 1))
-    bench_rollouts(model, tokenizer, args, device)
+    failed = bench_rollouts(model, tokenizer, args, device)
+    if args.ppo_steps and args.ppo_engine in failed:
+        # The PPO step's figures still come, from the engine that ran; the line says which.
+        emit(stage="ppo", note=f"engine {args.ppo_engine} failed in the rollout part: PPO samples with kv")
+        args.ppo_engine = "kv"
     if args.ppo_steps:
         with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=args.work) as tmp:
             model_dir = Path(tmp) / "model"
