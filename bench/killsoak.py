@@ -176,7 +176,7 @@ def crash_points(home: Path, points: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.killsoak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kills", type=int, default=10, help="SIGKILLs in all (default 10)")
+    parser.add_argument("--kills", type=int, default=10, help="random kills in all, SIGKILL or SIGTERM (default 10)")
     parser.add_argument("--points", default="all",
                         help=f"crash points to kill at first, comma-separated, 'all' or 'none' (default all: "
                              f"{', '.join(faults.POINTS)})")
