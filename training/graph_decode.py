@@ -35,6 +35,9 @@ from concise_rl.training import preempt
 from concise_rl.training.kv_decode import KVDecoder, _position_ids, pick
 
 BACKENDS = ("cuda-graph", "compile", "eager")
+# One compilation per (rows, keys) bucket a call reaches (rows only shrink and columns only grow: a few
+# dozen at most). Past dynamo's default limit (8) it would quietly run eagerly; past this one it fails.
+RECOMPILE_LIMIT = 256
 
 
 def row_buckets(batch: int) -> list[int]:
@@ -100,6 +103,7 @@ class GraphDecoder(KVDecoder):
         self.recorded: dict[tuple[int, int], object] = {}  # (rows, key columns) -> graph or compiled step
         self.visited: list[tuple[int, int]] = []  # the (rows, key columns) buckets the last call ran, in order
         self._compiled = None
+        self._pool = None  # one CUDA-graph memory pool for every bucket's graph
 
     # ------------------------------------------------------------------ the step
     def _step(self, buf: _Buffers, rows: int, keys: int, temperature: float, top_p: float, eos, pad: int) -> None:
@@ -143,12 +147,9 @@ class GraphDecoder(KVDecoder):
     def _run_compiled(self, buf: _Buffers, rows: int, keys: int, sampling: tuple) -> None:
         if self._compiled is None:
             self._compiled = torch.compile(self._step, dynamic=False, fullgraph=True)
-        # One compilation per (rows, keys) bucket; past dynamo's default limit (8) it would quietly run
-        # eagerly, so the limit is the buckets a call can reach and hitting it fails.
-        limit = 4 * len(self.recorded) + 64
         self.recorded.setdefault((rows, keys), self._compiled)
         try:
-            with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
                 self._compiled(buf, rows, keys, *sampling)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             raise ConfigError(
@@ -169,13 +170,11 @@ class GraphDecoder(KVDecoder):
         for t, old in zip(buf.stepped(), before, strict=True):
             t.copy_(old)
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             self._step(buf, rows, keys, *sampling)
         return graph
-
-    _pool = None
 
     @staticmethod
     def _move(buf: _Buffers, rows: int, to: int) -> None:
