@@ -28,7 +28,8 @@ EXIT_TRAINING_STOPPED = 5
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="pipeline config YAML (default: the built-in defaults, i.e. the paper's PPO "
-                   "settings on the embedded model; configs/demo.yaml is the 15-minute CPU demo)")
+                   "settings on the embedded model; configs/demo.yaml is the CPU demo, whose time on 2 cores "
+                   "is in BENCHMARKS.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override one config field, repeatable; values are read as YAML "
                         "(e.g. --set ppo.lam=0.95 --set evaluation.temperatures=[0,0.6])")
@@ -244,14 +245,18 @@ def _latest_curation(hint: str = "run `concise-rl curate` first or pass --proble
 
 
 def _cmd_run(args, cfg) -> int:
-    from concise_rl import console
-    from concise_rl.flows.pipeline import pipeline
-    from concise_rl.local_server import use_temporary_server
+    from concise_rl.local_server import start_temporary_server
 
     # Taken here too (the flow takes it again, re-entrantly), so a second run stops
     # before it starts Prefect's temporary server (in its own session: local_server.py).
     with _registry_lock(cfg, f"concise-rl run ({args.config or 'built-in defaults'})"):
-        use_temporary_server()
+        server = start_temporary_server()
+        # The pipeline's imports (torch, transformers, MLflow, Prefect) take about as long as the server's start.
+        from concise_rl import console
+        from concise_rl.flows.pipeline import pipeline
+
+        if server:
+            server.wait()
         summary = pipeline(config_path=args.config, overrides=args.overrides, git_sha=args.git_sha)
     console.print_summary(summary, cfg.gate)
     return _gate_exit(summary)

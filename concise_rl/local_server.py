@@ -53,46 +53,66 @@ def _healthy(url: str) -> bool:
 
 def use_temporary_server() -> str | None:
     """Point Prefect, for the rest of this command, at a temporary server of its own, started here; its API
-    URL. None (and nothing started) when ``$PREFECT_API_URL`` names a server already.
+    URL. None (and nothing started) when ``$PREFECT_API_URL`` names a server already."""
+    starting = start_temporary_server()
+    return starting.wait() if starting else None
+
+
+def start_temporary_server() -> Starting | None:
+    """Start the temporary server and return at once: the caller can import the pipeline (several seconds)
+    while the server boots (as long again), then :meth:`Starting.wait` for it. None (and nothing started)
+    when ``$PREFECT_API_URL`` names a server already.
 
     The server stops when the interpreter exits, after Prefect's own exit hooks have flushed the run's
     last states and events to it (they run at threading's shutdown, before ``atexit``'s): stopped any
     earlier, Prefect waits on a dead server at exit, without end."""
     if os.environ.get("PREFECT_API_URL", "").strip():
         return None
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
-
     home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
     home.mkdir(parents=True, exist_ok=True)
     server_log = home / "temporary-server.log"
     port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     with open(server_log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", __name__, str(port), str(os.getpid())], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     atexit.register(_stop, proc)
-    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
-    deadline = time.monotonic() + timeout
-    while not _healthy(url):
-        if proc.poll() is not None:
-            raise RuntimeError(f"the temporary Prefect server exited ({proc.returncode}) before it answered; "
-                               f"its log: {server_log}")
-        if time.monotonic() > deadline:
-            _stop(proc)
-            raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:g} s "
-                               f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); its log: {server_log}")
-        time.sleep(0.2)
-    log.info("temporary Prefect server on %s (pid %d)", url, proc.pid)
-    # Prefect read its settings when it was imported; these hold until the command exits (the reference
-    # keeps the context open: collected, it would restore the old settings).
-    global _SETTINGS
-    # No UI URL: the server serves none (as in Prefect's ephemeral mode), so Prefect prints no dead "View at" link.
-    _SETTINGS = temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: ""})
-    _SETTINGS.__enter__()
-    os.environ["PREFECT_API_URL"] = url  # and child processes (accelerate launch jobs) find it too
-    return url
+    return Starting(proc, f"http://127.0.0.1:{port}/api", server_log)
+
+
+class Starting:
+    """A temporary server on its way up (:func:`start_temporary_server`)."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, server_log: Path):
+        self.proc, self.url, self.server_log = proc, url, server_log
+
+    def wait(self) -> str:
+        """Wait until the server answers, then point Prefect at it for the rest of the command; its API URL."""
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+        proc, url, server_log = self.proc, self.url, self.server_log
+        timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
+        deadline = time.monotonic() + timeout
+        while not _healthy(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect server exited ({proc.returncode}) before it answered; "
+                                   f"its log: {server_log}")
+            if time.monotonic() > deadline:
+                _stop(proc)
+                raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:g} s "
+                                   f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); its log: {server_log}")
+            time.sleep(0.2)
+        log.info("temporary Prefect server on %s (pid %d)", url, proc.pid)
+        # Prefect read its settings when it was imported; these hold until the command exits (the reference
+        # keeps the context open: collected, it would restore the old settings).
+        global _SETTINGS
+        # No UI URL: the server serves none (as in Prefect's ephemeral mode), so Prefect prints no dead "View at"
+        # link.
+        _SETTINGS = temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: ""})
+        _SETTINGS.__enter__()
+        os.environ["PREFECT_API_URL"] = url  # and child processes (accelerate launch jobs) find it too
+        return url
 
 
 def _stop(proc: subprocess.Popen) -> None:
