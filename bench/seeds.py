@@ -10,16 +10,22 @@ Runs ``concise-rl run`` once per seed, each in its own home (own registry, own c
 Every base is built, never copied from training/prebuilt/ (``model.embedded.use_prebuilt=false``),
 and seeds.md says whether the first SFT seed's base is the shipped one to the bit.
 
-Writes ``seeds.json`` and ``seeds.md`` to ``--out``: per run, the held-out accuracy and mean
+Writes ``seeds.json``, ``seeds.md`` and ``seeds.png`` to ``--out``: per run, the held-out accuracy and mean
 length of the base, phase 1 and phase 2 at each temperature, phase 2's length cut against
 phase 1 and the paired accuracy change with its 95% CI (the gate's own comparison), and
 whether the run meets the targets; then mean, min and max over runs; then the first run's
 every set and temperature, as one reference run's full table. Each run's log is kept
 in its home, and the tables are rewritten after every run; run the same command again after
 an interruption and the finished runs are not repeated. A run takes as long as `make demo`.
+seeds.png plots each run's cut and accuracy change (with its CI) against the target lines.
+
+On 2 cores, two benches at a time with one thread each (``OMP_NUM_THREADS=1``) get through
+more runs per hour than one with two threads; ``--combine`` then makes one table of them
+(the first folder's first run gives the full table) without running anything.
 
     python -m bench.seeds [--config configs/demo.yaml] [--sft-seeds 0 1 2] [--rl-seeds 0 1 2]
                           [--out bench/results/seeds] [--set KEY=VALUE ...]
+    python -m bench.seeds --combine DIR [DIR ...] --out DIR
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The targets every seed must meet (issue 19): held-out length cut at both temperatures, mean
 # accuracy change and the lower bound of its paired 95% CI, in points.
 MIN_CUT_PCT, MIN_CHANGE_PTS, MIN_CI_LOW_PTS = 40.0, -1.0, -3.0
+TARGET_LINES = {"min_cut_pct": MIN_CUT_PCT, "min_change_pts": MIN_CHANGE_PTS, "min_ci_low_pts": MIN_CI_LOW_PTS}
 TARGETS = (f"length cut >= {MIN_CUT_PCT:.0f}% at every temperature, accuracy change >= {MIN_CHANGE_PTS:+.0f} point, "
            f"CI lower bound >= {MIN_CI_LOW_PTS:+.0f} points")
 
@@ -131,6 +138,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Seeds: {meta['config']} on the {meta['set']} set", "",
              f"{meta['date']}, {meta['cpu']} ({meta['cores']} cores), Python {meta['python']}, "
              f"torch {meta['torch']}, transformers {meta['transformers']}; `{meta['command']}`.", "",
+             *(["Runs combined from " + "; ".join(meta["sources"]) + ".", ""] if meta.get("sources") else []),
              *([meta["shipped_base"], ""] if meta.get("shipped_base") else []),
              "Accuracy and mean length (tokens) of each model; the cut and the paired accuracy change are "
              f"phase 2 against phase 1, as the gate compares them. Targets: {TARGETS}.", "",
@@ -184,8 +192,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="a config change applied to every run, as for concise-rl run")
     parser.add_argument("--eval-set", default="heldout", help="the evaluation set the table reports (heldout)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "seeds",
-                        help="folder for the runs' homes, seeds.json and seeds.md (bench/results/seeds)")
+                        help="folder for the runs' homes, seeds.json, seeds.md and seeds.png (bench/results/seeds)")
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="DIR",
+                        help="run nothing: one table of the runs in these earlier --out folders, written to --out")
     args = parser.parse_args(argv)
+    if args.combine:
+        print(combine(args, argv))
+        return
     if not args.config.is_file():
         parser.error(f"--config {args.config} does not exist")
 
@@ -207,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         if code not in (0, 3):
             raise SystemExit(f"bench.seeds: run {label} failed with exit code {code}; see {home / 'run.log'}")
         summary = json.loads((home / "reports" / "latest" / "summary.json").read_text())
-        rows.append(row_of(label, summary, args.eval_set, code, seconds))
+        rows.append({**row_of(label, summary, args.eval_set, code, seconds), "home": home.name})
         if not full:  # the first run's every set and temperature, as one reference
             full = full_table(label, summary, load_config(args.config, args.changes).gate)
         print(f"[{datetime.now(UTC):%H:%M:%S}] {label}: done in {seconds / 60:.1f} min, "
@@ -215,6 +228,33 @@ def main(argv: list[str] | None = None) -> None:
         # after every run: a stopped bench keeps what it measured
         table = write_tables(args, rows, argv, full, shipped_check(first_home))
     print(table)
+
+
+def combine(args: argparse.Namespace, argv: list[str] | None) -> str:
+    """One table of the runs of earlier benches (``--combine``), as if one bench had run them all."""
+    rows, sources, full, shipped = [], [], "", ""
+    for folder in args.combine:
+        record = folder / "seeds.json"
+        if not record.is_file():
+            raise SystemExit(f"bench.seeds: --combine {folder} has no seeds.json; give the --out folder of a bench "
+                             "that finished at least one run")
+        data = json.loads(record.read_text())
+        if data["meta"]["set"] != args.eval_set:
+            raise SystemExit(f"bench.seeds: {record} reports the {data['meta']['set']} set, not {args.eval_set}; "
+                             f"pass --eval-set {data['meta']['set']}")
+        sources.append(f"`{data['meta']['command']}` ({data['meta']['date']}, {data['meta']['cpu']})")
+        args.config = ROOT / data["meta"]["config"]
+        for row in data["runs"]:
+            # Rows written before the bench recorded each run's home: the home is named after the seeds.
+            home = folder / row.get("home", row["run"].replace("sft ", "sft").replace(", rl ", "-rl"))
+            rows.append({**row, "home": home.name})
+            if not full:
+                summary = json.loads((home / "reports" / "latest" / "summary.json").read_text())
+                full = full_table(row["run"], summary, load_config(args.config).gate)
+                shipped = shipped_check(home)
+    if not rows:
+        raise SystemExit("bench.seeds: the --combine folders hold no finished run")
+    return write_tables(args, rows, argv, full, shipped, sources=sources)
 
 
 def shipped_check(home: Path) -> str:
@@ -231,20 +271,23 @@ def shipped_check(home: Path) -> str:
 
 
 def write_tables(args: argparse.Namespace, rows: list[dict], argv: list[str] | None, full: str = "",
-                 shipped: str = "") -> str:
+                 shipped: str = "", sources: list[str] | None = None) -> str:
     import torch
     import transformers
+
+    from concise_rl.evaluation.plots import plot_seeds
 
     meta = {"config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
             "set": args.eval_set, "date": f"{datetime.now(UTC):%Y-%m-%d}", "cpu": cpu_model(),
             "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__,
             "command": "python -m bench.seeds " + " ".join(argv or sys.argv[1:]),
-            "shipped_base": shipped}
+            "shipped_base": shipped, "sources": sources or []}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seeds.json").write_text(json.dumps({"meta": meta, "targets": TARGETS, "runs": rows}, indent=2))
     table = markdown(rows, meta) + ("\n" + full if full else "")
     (args.out / "seeds.md").write_text(table)
+    plot_seeds(rows, TARGET_LINES, args.out / "seeds.png", args.eval_set)
     return table
 
 

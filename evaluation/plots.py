@@ -100,3 +100,36 @@ def plot_ablation(start: dict[str, dict], variants: dict[str, dict[str, dict]], 
         ax.legend(loc="best", fontsize=8)
     fig.suptitle("Phase-2 ablation: held-out accuracy against length reduction")
     return save_figure(fig, out)
+
+
+def plot_seeds(rows: list[dict], targets: dict[str, float], out: Path, set_name: str = "heldout") -> Path:
+    """bench.seeds' runs at a glance: per run and temperature, phase 2's length cut (left) and its paired
+    accuracy change against phase 1 with the 95% CI (right), with the target lines.
+
+    ``rows`` are bench.seeds' rows (``cut@T``, ``change@T``, ``ci_low@T``, ``ci_high@T``, ``run``);
+    ``targets`` holds ``min_cut_pct``, ``min_change_pts`` and ``min_ci_low_pts``.
+    """
+    temps = sorted({k.split("@")[1] for k in rows[0] if k.startswith("cut@")}, key=float)
+    labels = [r["run"] for r in rows]
+    width = 0.8 / len(temps)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8.0, 1.1 * len(rows) + 5), 4.5))
+    for i, t in enumerate(temps):
+        x = [j + (i - (len(temps) - 1) / 2) * width for j in range(len(rows))]
+        left.bar(x, [r[f"cut@{t}"] for r in rows], width, label=f"T = {t}")
+        change = [r[f"change@{t}"] for r in rows]
+        err = [[c - r[f"ci_low@{t}"] for c, r in zip(change, rows)], [r[f"ci_high@{t}"] - c for c, r in zip(change, rows)]]
+        right.errorbar(x, change, yerr=err, fmt="o", capsize=3, label=f"T = {t}")
+    left.axhline(targets["min_cut_pct"], color="tab:red", ls="--", lw=1, label=f"target {targets['min_cut_pct']:g}%")
+    left.set_ylabel("phase-2 length cut vs phase 1 (%)")
+    right.axhline(0.0, color="gray", lw=0.8, ls=":")
+    right.axhline(targets["min_change_pts"], color="tab:red", ls="--", lw=1,
+                  label=f"change target {targets['min_change_pts']:+g}")
+    right.axhline(targets["min_ci_low_pts"], color="tab:red", ls=":", lw=1,
+                  label=f"CI lower-bound target {targets['min_ci_low_pts']:+g}")
+    right.set_ylabel("accuracy change vs phase 1 (points, 95% CI)")
+    for ax in (left, right):
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Phase 2 over {len(rows)} seed runs ({set_name} set)")
+    return save_figure(fig, out)

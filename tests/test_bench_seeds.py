@@ -54,6 +54,18 @@ def test_seed_table_over_runs_with_the_base_built_once(tmp_path: Path, prefect_a
     assert table.count("\n| sft 3, rl ") == 2 and "| mean |" in table and "| min |" in table and "| max |" in table
     assert "## Every evaluation of run sft 3, rl 0" in table and table.count("\n| heldout | ") == 6
     assert result["meta"]["cpu"] and result["meta"]["torch"] and "bench.seeds" in result["meta"]["command"]
+    assert (out / "seeds.png").read_bytes().startswith(b"\x89PNG")
+
+    # --combine makes one table of earlier benches' runs without running anything.
+    combined = tmp_path / "combined"
+    done = subprocess.run([sys.executable, "-m", "bench.seeds", "--combine", str(out), "--out", str(combined)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((combined / "seeds.json").read_text())["runs"] == result["runs"]
+    merged = (combined / "seeds.md").read_text()
+    assert "Runs combined from `python -m bench.seeds --sft-seeds 3" in merged
+    assert merged.split("## Every evaluation")[1] == table.split("## Every evaluation")[1]
+    assert (combined / "seeds.png").is_file() and not list(combined.glob("sft*"))
 
     # bench.phase2 reruns phase 2 from a finished home's phase-1 model, leaving the home as it was.
     before = sorted(p.relative_to(first) for p in first.rglob("*"))
@@ -111,3 +123,22 @@ def test_full_table_shows_every_set_and_the_gates_own_comparison() -> None:
     assert f"| hard | 0.6 | phase2 | 75.0% [50.0, 100.0] | 90 | 25.0% | 50.0% | {change} | 4 |" in rows
     assert rows[0] == "| heldout | 0.0 | base | 75.0% [50.0, 100.0] | 200 | 25.0% |  |  | 4 |"
     assert "| heldout | 0.0 | phase1 | 100.0% [50.0, 100.0] | 180 | 25.0% | 10.0% | +25.0 [" in rows[1]
+
+
+def test_seed_bench_combine_refuses_a_folder_without_a_table(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.seeds", "--combine", str(tmp_path / "nothing"),
+                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert f"--combine {tmp_path / 'nothing'} has no seeds.json" in done.stderr
+
+
+def test_seed_plot_draws_every_run(tmp_path: Path) -> None:
+    from bench.seeds import TARGET_LINES
+    from concise_rl.evaluation.plots import plot_seeds
+
+    rows = [{"run": f"sft {i}, rl 0", **{f"{k}@{t}": v for t in ("0.0", "0.6")
+                                          for k, v in (("cut", 50.0 - i), ("change", -0.5 * i),
+                                                       ("ci_low", -0.5 * i - 1), ("ci_high", -0.5 * i + 1))}}
+            for i in range(3)]
+    out = plot_seeds(rows, TARGET_LINES, tmp_path / "seeds.png")
+    assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
