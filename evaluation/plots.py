@@ -117,7 +117,8 @@ def plot_seeds(rows: list[dict], targets: dict[str, float], out: Path, set_name:
         x = [j + (i - (len(temps) - 1) / 2) * width for j in range(len(rows))]
         left.bar(x, [r[f"cut@{t}"] for r in rows], width, label=f"T = {t}")
         change = [r[f"change@{t}"] for r in rows]
-        err = [[c - r[f"ci_low@{t}"] for c, r in zip(change, rows)], [r[f"ci_high@{t}"] - c for c, r in zip(change, rows)]]
+        err = [[c - r[f"ci_low@{t}"] for c, r in zip(change, rows)],
+               [r[f"ci_high@{t}"] - c for c, r in zip(change, rows)]]
         right.errorbar(x, change, yerr=err, fmt="o", capsize=3, label=f"T = {t}")
     left.axhline(targets["min_cut_pct"], color="tab:red", ls="--", lw=1, label=f"target {targets['min_cut_pct']:g}%")
     left.set_ylabel("phase-2 length cut vs phase 1 (%)")
