@@ -131,6 +131,6 @@ def plot_seeds(rows: list[dict], targets: dict[str, float], out: Path, set_name:
     for ax in (left, right):
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Phase 2 over {len(rows)} seed runs ({set_name} set)")
+        ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    fig.suptitle(f"Phase 2 over seeds: {len(rows)} run(s), {set_name} set")
     return save_figure(fig, out)
