@@ -33,7 +33,7 @@ import torch
 import transformers
 
 from bench.phase2 import figures
-from bench.seeds import cpu_model
+from bench.seeds import cpu_kernels, cpu_model
 from concise_rl.config import load_config, stable_hash
 from concise_rl.evaluation.evaluate import evaluate_model
 from concise_rl.grader import Grader
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         command = " ".join(["python -m bench.base --ship", *(["--set", *args.changes] if args.changes else [])])
         prebuilt.ship(model_dir, name, {
             "command": command, "commit": commit, "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-            "cpu": cpu_model(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "sft_minutes": sft_min,
+            "cpu": cpu_model(), "aten_cpu_capability": cpu_kernels(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "sft_minutes": sft_min,
         }, args.prebuilt)
         matches = True
     tokenizer = load_tokenizer(str(model_dir), prompt=cfg.prompt)
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         grader.close()
     by_set = {name: figures(temps) for name, temps in summary.items()}
-    print(json.dumps({"set": args.changes, "model": str(model_dir), "build_min": sft_min, "name": name,
+    print(json.dumps({"set": args.changes, "model": str(model_dir), "build_min": sft_min, "kernels": cpu_kernels(),
+                      "name": name,
                       "matches_shipped": matches, "shipped": args.ship, "accuracy_length": by_set}))
 
 

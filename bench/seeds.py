@@ -64,6 +64,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_kernels() -> str:
+    """The instruction set of ATen's own CPU kernels in this process (``AVX512``, ``AVX2``...).
+
+    It decides the float32 SFT's bits: softmax and attention round differently under AVX2 and
+    AVX-512 kernels, so the same base built on two CPUs differs unless ``ATEN_CPU_CAPABILITY``
+    (read when torch starts) names the same set on both (docs/embedded-default.md)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def run_pipeline(config: Path, home: Path, changes: list[str]) -> tuple[int, float]:
     """One ``concise-rl run`` in ``home``; its exit code (0 promoted, 3 refused by the gate) and wall time.
 
@@ -136,7 +147,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     met = f"{sum(r['meets_targets'] for r in rows)}/{len(rows)} met"
 
     lines = [f"# Seeds: {meta['config']} on the {meta['set']} set", "",
-             f"{meta['date']}, {meta['cpu']} ({meta['cores']} cores), Python {meta['python']}, "
+             f"{meta['date']}, {meta['cpu']} ({meta['cores']} cores, {meta.get('kernels', '?')} kernels), "
+             f"Python {meta['python']}, "
              f"torch {meta['torch']}, transformers {meta['transformers']}; `{meta['command']}`.", "",
              *(["Runs combined from " + "; ".join(meta["sources"]) + ".", ""] if meta.get("sources") else []),
              *([meta["shipped_base"], ""] if meta.get("shipped_base") else []),
@@ -265,8 +277,12 @@ def shipped_check(home: Path) -> str:
     for folder in sorted((home / "models").glob("embedded-*")):
         if folder.name in shipped:
             same = prebuilt.file_hashes(folder) == shipped[folder.name]["files"]
+            theirs = shipped[folder.name]["built"].get("aten_cpu_capability")
+            why = (f"; it was built with {theirs} kernels, this bench's ran {cpu_kernels()} "
+                   f"(ATEN_CPU_CAPABILITY={theirs.lower()} rebuilds it to the bit)"
+                   if not same and theirs and theirs != cpu_kernels() else "")
             return (f"The base built in {home.name} {'is' if same else 'is NOT'} the base shipped in "
-                    f"training/prebuilt/{folder.name} (sha256 of every file).")
+                    f"training/prebuilt/{folder.name} (sha256 of every file){why}.")
     return "No base built here has a shipped counterpart in training/prebuilt/ (another config or build code)."
 
 
@@ -279,7 +295,8 @@ def write_tables(args: argparse.Namespace, rows: list[dict], argv: list[str] | N
 
     meta = {"config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
             "set": args.eval_set, "date": f"{datetime.now(UTC):%Y-%m-%d}", "cpu": cpu_model(),
-            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "cores": os.cpu_count(), "kernels": cpu_kernels(), "python": platform.python_version(),
+            "torch": torch.__version__,
             "transformers": transformers.__version__,
             "command": "python -m bench.seeds " + " ".join(argv or sys.argv[1:]),
             "shipped_base": shipped, "sources": sources or []}

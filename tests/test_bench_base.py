@@ -49,6 +49,7 @@ def test_base_bench_ships_the_base_it_built_and_compares_with_it(tmp_path: Path)
     assert list(manifest) == [line["name"]] and line["name"].startswith("embedded-demo-")
     built = manifest[line["name"]]["built"]
     assert built["command"].startswith("python -m bench.base --ship --set") and built["cpu"]
+    assert built["aten_cpu_capability"] == line["kernels"] and line["kernels"] in {"AVX512", "AVX2", "DEFAULT"}
     again = json.loads(bench_base(tmp_path / "out", "model.embedded.sft_seed=4", "--prebuilt", str(shipped))
                        .stdout.strip().splitlines()[-1])
     assert again["matches_shipped"] is True and not again["shipped"]

@@ -28,7 +28,7 @@ def test_the_demo_config_names_the_shipped_base_and_its_files_are_intact() -> No
         "run `python -m bench.base --ship` and commit training/prebuilt/")
     assert prebuilt.file_hashes(prebuilt.PREBUILT / name) == shipped[name]["files"]
     built = shipped[name]["built"]
-    assert {"command", "commit", "date", "cpu", "torch", "transformers"} <= set(built)
+    assert {"command", "commit", "date", "cpu", "aten_cpu_capability", "torch", "transformers"} <= set(built)
     # float32 weights, as the config's sft_dtype says the SFT ran.
     weights = load_file(prebuilt.PREBUILT / name / "model.safetensors")
     assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
