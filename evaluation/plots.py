@@ -122,6 +122,7 @@ def plot_seeds(rows: list[dict], targets: dict[str, float], out: Path, set_name:
         right.errorbar(x, change, yerr=err, fmt="o", capsize=3, label=f"T = {t}")
     left.axhline(targets["min_cut_pct"], color="tab:red", ls="--", lw=1, label=f"target {targets['min_cut_pct']:g}%")
     left.set_ylabel("phase-2 length cut vs phase 1 (%)")
+    left.set_ylim(0, 1.3 * max(max(r[f"cut@{t}"] for t in temps for r in rows), targets["min_cut_pct"]))
     right.axhline(0.0, color="gray", lw=0.8, ls=":")
     right.axhline(targets["min_change_pts"], color="tab:red", ls="--", lw=1,
                   label=f"change target {targets['min_change_pts']:+g}")
