@@ -51,13 +51,6 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def use_temporary_server() -> str | None:
-    """Point Prefect, for the rest of this command, at a temporary server of its own, started here; its API
-    URL. None (and nothing started) when ``$PREFECT_API_URL`` names a server already."""
-    starting = start_temporary_server()
-    return starting.wait() if starting else None
-
-
 def start_temporary_server() -> Starting | None:
     """Start the temporary server and return at once: the caller can import the pipeline (several seconds)
     while the server boots (as long again), then :meth:`Starting.wait` for it. None (and nothing started)
