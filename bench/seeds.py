@@ -254,6 +254,9 @@ def combine(args: argparse.Namespace, argv: list[str] | None) -> str:
         if data["meta"]["set"] != args.eval_set:
             raise SystemExit(f"bench.seeds: {record} reports the {data['meta']['set']} set, not {args.eval_set}; "
                              f"pass --eval-set {data['meta']['set']}")
+        if rows and ROOT / data["meta"]["config"] != args.config:
+            raise SystemExit(f"bench.seeds: {record} ran {data['meta']['config']}, the folders before it "
+                             f"{args.config}; combine only benches of one config")
         sources.append(f"`{data['meta']['command']}` ({data['meta']['date']}, {data['meta']['cpu']})")
         args.config = ROOT / data["meta"]["config"]
         for row in data["runs"]:
