@@ -261,6 +261,11 @@ class PPOConfig(_Strict):
         "weight, as the paper did. Phase 2 fits a handful of problems, and on a small model updating every "
         "layer overwrites skills that other problems need (docs/log/2026-11-27-recheck-base.md)",
     )
+    actor_trainable_parts: Literal["all", "mlp"] = Field(
+        "all",
+        description="which parts of the top actor_trainable_layers train: 'all', or 'mlp' (their "
+        "feed-forward blocks and the norms before them, attention frozen). Needs actor_trainable_layers",
+    )
     loss_agg_mode: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     rollout_logprobs: Literal["auto", "reuse", "recompute"] = Field(
         "auto",
@@ -294,6 +299,12 @@ class PPOConfig(_Strict):
         if self.mini_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"micro_batch_size {self.micro_batch_size} must divide mini_batch_size {self.mini_batch_size}"
+            )
+        if self.actor_trainable_parts != "all" and self.actor_trainable_layers is None:
+            raise ValueError(
+                f"actor_trainable_parts {self.actor_trainable_parts!r} chooses parts of the top "
+                "actor_trainable_layers, which is unset; set actor_trainable_layers (e.g. 1) or leave "
+                "actor_trainable_parts at 'all'"
             )
         return self
 

@@ -28,7 +28,8 @@ PHASE_TITLE = {"base": "base", "1": "phase 1, accuracy", "2": "phase 2, concisen
 PHASE_CONFIG = {"1": "phase1", "2": "phase2"}
 # The PPO settings a reader needs to know what a phase did (the rest: config_hash).
 SETTINGS = ("steps", "prompts_per_step", "samples_per_prompt", "actor_lr", "critic_lr", "kl_coef", "gamma", "lam",
-            "clip_range", "temperature", "max_new_tokens", "actor_trainable_layers", "seed")
+            "clip_range", "temperature", "max_new_tokens", "actor_trainable_layers",
+            "actor_trainable_parts", "seed")
 
 
 def _front_matter(cfg: PipelineConfig) -> list[str]:

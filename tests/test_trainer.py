@@ -165,6 +165,17 @@ def test_actor_trainable_layers_updates_only_the_top_layers_and_head(tmp_path: P
     assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
 
 
+def test_actor_trainable_parts_mlp_keeps_the_top_layers_attention_frozen(tmp_path: Path) -> None:
+    model_dir = tiny_random_model(tmp_path / "model", num_layers=2)
+    before = load_file(str(model_dir / "model.safetensors"))
+    trainer = make_trainer(model_dir, tmp_path / "run", steps=1, actor_trainable_layers=1, actor_trainable_parts="mlp")
+    after = load_file(str(trainer.train() / "model.safetensors"))
+    changed = {key for key, value in after.items() if not torch.equal(value, before[key])}
+    assert {"model.layers.1.mlp.down_proj.weight", "model.layers.1.post_attention_layernorm.weight"} <= changed
+    assert all(key.startswith(("model.layers.1.mlp.", "model.layers.1.post_attention_layernorm.", "model.norm.",
+                               "lm_head.")) for key in changed), changed
+
+
 def test_more_trainable_layers_than_the_model_has_is_refused(tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_random_model(tmp_path / "model", num_layers=2))
     with pytest.raises(ValueError, match=r"ppo.actor_trainable_layers is 3 but the model has 2 decoder layers"):

@@ -211,7 +211,8 @@ class GRPORun:
         trainer.remove_callback(PrinterCallback)  # our callback reports each step instead
         if self.cfg.actor_trainable_layers is not None:
             # Before train(): TRL builds the optimiser there, from the weights that still need grads.
-            freeze_all_but_top_layers(trainer.model, self.cfg.actor_trainable_layers)
+            freeze_all_but_top_layers(trainer.model, self.cfg.actor_trainable_layers,
+                                      self.cfg.actor_trainable_parts)
         return trainer
 
     def finished(self) -> Path | None:

@@ -89,8 +89,11 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, prompt
     return tokenizer
 
 
-def freeze_all_but_top_layers(model: nn.Module, n: int) -> int:
+def freeze_all_but_top_layers(model: nn.Module, n: int, parts: str = "all") -> int:
     """Leave only the top ``n`` decoder layers, the final norm and an untied output head trainable.
+
+    ``parts="mlp"`` trains only those layers' feed-forward blocks and the norms in front of them,
+    and keeps their attention frozen.
 
     Returns how many weights stay trainable. The layers are the decoder's ``layers`` list, which
     Qwen2, Llama and Mistral models all have; tied output heads are the input embeddings and
@@ -111,7 +114,19 @@ def freeze_all_but_top_layers(model: nn.Module, n: int) -> int:
         )
     model.requires_grad_(False)
     for layer in layers[len(layers) - n :]:
-        layer.requires_grad_(True)
+        if parts == "all":
+            layer.requires_grad_(True)
+            continue
+        mlp = getattr(layer, "mlp", None)
+        if not isinstance(mlp, nn.Module):
+            raise ConfigError(
+                f"{type(layer).__name__} has no `mlp` block; ppo.actor_trainable_parts: mlp needs a "
+                "Qwen2/Llama/Mistral-style decoder layer, or set it to 'all'"
+            )
+        mlp.requires_grad_(True)
+        norm = getattr(layer, "post_attention_layernorm", None)
+        if isinstance(norm, nn.Module):
+            norm.requires_grad_(True)
     norm = getattr(decoder, "norm", None)
     if isinstance(norm, nn.Module):
         norm.requires_grad_(True)

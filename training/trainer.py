@@ -162,7 +162,8 @@ class PPOTrainer:
         dtype = self.precision.load
         policy = load_policy(self.policy_path, self.model_cfg, dtype=dtype)
         if self.cfg.actor_trainable_layers is not None:
-            trainable = freeze_all_but_top_layers(policy, self.cfg.actor_trainable_layers)
+            trainable = freeze_all_but_top_layers(policy, self.cfg.actor_trainable_layers,
+                                                  self.cfg.actor_trainable_parts)
             log.info("actor trains its top %d decoder layers: %d weights", self.cfg.actor_trainable_layers, trainable)
         critic = Critic.from_policy(self.policy_path, self.model_cfg, dtype=dtype)
         # The reference is loaded like the policy and runs under the same autocast, so it computes
