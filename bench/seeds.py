@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def combine(args: argparse.Namespace, argv: list[str] | None) -> str:
     """One table of the runs of earlier benches (``--combine``), as if one bench had run them all."""
-    rows, sources, full, shipped = [], [], "", ""
+    rows, sources, full, shipped, kernels = [], [], "", "", set()
     for folder in args.combine:
         record = folder / "seeds.json"
         if not record.is_file():
@@ -257,7 +257,9 @@ def combine(args: argparse.Namespace, argv: list[str] | None) -> str:
         if rows and ROOT / data["meta"]["config"] != args.config:
             raise SystemExit(f"bench.seeds: {record} ran {data['meta']['config']}, the folders before it "
                              f"{args.config}; combine only benches of one config")
-        sources.append(f"`{data['meta']['command']}` ({data['meta']['date']}, {data['meta']['cpu']})")
+        kernels.add(data["meta"].get("kernels", "?"))
+        sources.append(f"`{data['meta']['command']}` ({data['meta']['date']}, {data['meta']['cpu']}, "
+                       f"{data['meta'].get('kernels', '?')} kernels)")
         args.config = ROOT / data["meta"]["config"]
         for row in data["runs"]:
             # Rows written before the bench recorded each run's home: the home is named after the seeds.
@@ -269,7 +271,8 @@ def combine(args: argparse.Namespace, argv: list[str] | None) -> str:
                 shipped = shipped_check(home)
     if not rows:
         raise SystemExit("bench.seeds: the --combine folders hold no finished run")
-    return write_tables(args, rows, argv, full, shipped, sources=sources)
+    # The table's kernels are its benches' (one ATEN_CPU_CAPABILITY=avx2 bench beside a default one: both).
+    return write_tables(args, rows, argv, full, shipped, sources=sources, kernels=" and ".join(sorted(kernels)))
 
 
 def shipped_check(home: Path) -> str:
@@ -290,7 +293,7 @@ def shipped_check(home: Path) -> str:
 
 
 def write_tables(args: argparse.Namespace, rows: list[dict], argv: list[str] | None, full: str = "",
-                 shipped: str = "", sources: list[str] | None = None) -> str:
+                 shipped: str = "", sources: list[str] | None = None, kernels: str | None = None) -> str:
     import torch
     import transformers
 
@@ -298,7 +301,7 @@ def write_tables(args: argparse.Namespace, rows: list[dict], argv: list[str] | N
 
     meta = {"config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
             "set": args.eval_set, "date": f"{datetime.now(UTC):%Y-%m-%d}", "cpu": cpu_model(),
-            "cores": os.cpu_count(), "kernels": cpu_kernels(), "python": platform.python_version(),
+            "cores": os.cpu_count(), "kernels": kernels or cpu_kernels(), "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "command": "python -m bench.seeds " + " ".join(argv or sys.argv[1:]),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.seeds import cpu_kernels
 from tests.test_pipeline_e2e import ROOT, TINY
 
 PERMISSIVE = ["gate.min_length_reduction_pct=-100", "gate.max_accuracy_drop=1.0"]
@@ -64,6 +65,7 @@ def test_seed_table_over_runs_with_the_base_built_once(tmp_path: Path, prefect_a
     assert json.loads((combined / "seeds.json").read_text())["runs"] == result["runs"]
     merged = (combined / "seeds.md").read_text()
     assert "Runs combined from `python -m bench.seeds --sft-seeds 3" in merged
+    assert f"{cpu_kernels()} kernels)" in merged, "each source bench says which kernels it ran"
     assert merged.split("## Every evaluation")[1] == table.split("## Every evaluation")[1]
     assert (combined / "seeds.png").is_file() and not list(combined.glob("sft*"))
 
