@@ -556,24 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args, cfg)
 
     code = _run_reporting(args.command, failures, command)
-    if processes > 1:
-        _exit_skipping_finalization(code)
+    if processes > 1:  # a data-parallel `train`: its files are closed, its runs ended
+        from concise_rl.training.distributed import exit_skipping_finalization
+
+        exit_skipping_finalization(code)
     return code
-
-
-def _exit_skipping_finalization(code: int) -> None:
-    """Exit a process of a data-parallel `train` without the interpreter's finalization.
-
-    gloo's threads can release tensors while Python shuts down and abort the process
-    ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291) even after
-    the process group was left: CI lost a two-process `concise-rl train` to it on rank 1, after
-    both ranks had finished. By now the checkpoints, metrics and registry writes are closed
-    files or committed rows and the MLflow runs are ended, so only the streams need flushing.
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _run_reporting(name: str, failures: list[tuple[type | tuple[type, ...], object, str, str]], command) -> int:

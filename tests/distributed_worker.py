@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ from safetensors.torch import load_file
 from concise_rl.config import ModelConfig, PPOConfig, PromptConfig, RewardConfig
 from concise_rl.grader import Grader
 from concise_rl.synthetic import generate_problems
-from concise_rl.training.distributed import shard_indices, zero_stage
+from concise_rl.training.distributed import exit_skipping_finalization, shard_indices, zero_stage
 from concise_rl.training.precision import DTYPES
 from concise_rl.training.trainer import PPOTrainer, split_micro_batches
 
@@ -204,11 +203,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # Skip the interpreter's finalization, where gloo's threads can release tensors while Python shuts
-    # down and abort the process (pytorch/pytorch#179291): one CI run lost a DeepSpeed-or-DDP launch to a
-    # SIGABRT on rank 0 that its log tail did not place. Everything this worker produces is in files it has
-    # closed; logging's handlers are flushed first. (two_process_run says whether the records were written.)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Everything this worker produces is in files it has closed (two_process_run says whether the
+    # records were written); skip the finalization where gloo can abort the process.
+    exit_skipping_finalization(0)

@@ -94,6 +94,12 @@ def test_out_of_range_value_names_the_key(tmp_path):
         load_config(path)
 
 
+def test_actor_trainable_parts_needs_actor_trainable_layers():
+    with pytest.raises(ValidationError, match="set actor_trainable_layers"):
+        PPOConfig(actor_trainable_parts="mlp")
+    assert PPOConfig(actor_trainable_parts="mlp", actor_trainable_layers=1).actor_trainable_parts == "mlp"
+
+
 def test_phase2_ppo_unknown_field_is_named(tmp_path):
     path = write(tmp_path, "phase2:\n  ppo: {bogus: 1}\n")
     with pytest.raises(ConfigError, match=r"phase2\.ppo\.bogus"):

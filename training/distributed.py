@@ -12,6 +12,10 @@ accelerator the trainer runs under.
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -142,3 +146,19 @@ def even_out(accelerator: Accelerator, groups: list[torch.Tensor]) -> list[torch
         half = (len(groups[i]) + 1) // 2
         groups[i : i + 1] = [groups[i][:half], groups[i][half:]]
     return groups
+
+
+def exit_skipping_finalization(code: int) -> None:
+    """Exit a data-parallel process without the interpreter's finalization.
+
+    gloo's threads can release tensors while Python shuts down and abort the process
+    ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291) even after
+    the process group was left: CI lost two-process launches to it, on rank 0 of the test worker
+    and on rank 1 of `concise-rl train`, after every rank had finished. Call it once everything
+    the process produces is in closed files or committed rows (and its MLflow runs are ended):
+    only logging and the standard streams are flushed here.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

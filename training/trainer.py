@@ -165,7 +165,7 @@ class PPOTrainer:
             trainable = freeze_all_but_top_layers(policy, self.cfg.actor_trainable_layers,
                                                   self.cfg.actor_trainable_parts)
             log.info("actor trains its top %d decoder layers (%s): %d weights", self.cfg.actor_trainable_layers,
-                     "every weight" if self.cfg.actor_trainable_parts == "all" else "MLPs only, attention frozen",
+                     "whole layers" if self.cfg.actor_trainable_parts == "all" else "MLPs only, attention frozen",
                      trainable)
         critic = Critic.from_policy(self.policy_path, self.model_cfg, dtype=dtype)
         # The reference is loaded like the policy and runs under the same autocast, so it computes
